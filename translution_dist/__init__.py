@@ -1,0 +1,1 @@
+"""translution-dist: train Translution models at any size."""

@@ -1,0 +1,19 @@
+"""Translution operators: relative layouts, displacement banks and exact memory-bounded kernels."""
+
+from translution_dist.ops.bank import DisplacementBank
+from translution_dist.ops.layouts import CausalLayout, ImageGridLayout, RelativeLayout
+from translution_dist.ops.pair_plan import PairChunk, PairPlan, pair_plan, pairs_per_chunk
+from translution_dist.ops.relative_attention import pair_scores, pair_values
+
+__all__ = [
+    "CausalLayout",
+    "DisplacementBank",
+    "ImageGridLayout",
+    "PairChunk",
+    "PairPlan",
+    "RelativeLayout",
+    "pair_plan",
+    "pairs_per_chunk",
+    "pair_scores",
+    "pair_values",
+]
