@@ -60,14 +60,25 @@ def test_pair_plan_covers_every_allowed_pair_once(layout):
     for chunk in plan.chunks:
         d, p = chunk.shape
         assert d == 1 or d * p <= 16
-        rows = chunk.flat_pairs.view(d, p)
-        for row, disp in zip(rows, chunk.displacements):
-            real = row[row < n * n]
-            assert (key_index.flatten()[real] == disp).all()
+        pairs = chunk.flat_pairs.view(d, p)
+        for row_pairs, row in zip(pairs, chunk.rows):
+            real = row_pairs[row_pairs < n * n]
+            assert (key_index.flatten()[real] == layout.storage_order[row]).all()
 
 
-def test_pair_plan_restricted_to_displacements():
+def test_pair_plan_restricted_to_bank_rows():
     layout = CausalLayout(8)
-    plan = pair_plan(layout, 8, 64, displacements=(0, 3))
-    assert sorted(torch.cat([c.displacements for c in plan.chunks]).tolist()) == [0, 3]
-    assert plan.num_pairs == 8 + 5
+    plan = pair_plan(layout, 8, 64, rows=(2, 4))
+    assert sorted(torch.cat([c.rows for c in plan.chunks]).tolist()) == [0, 1]
+    displacements = layout.storage_order[2:4].tolist()
+    assert plan.num_pairs == sum(8 - d for d in displacements)
+
+
+def test_storage_order_balances_contiguous_splits():
+    layout = CausalLayout(160)
+    counts = layout.pair_counts()[layout.storage_order]
+    for parts in (2, 4, 8):
+        loads = torch.stack([c.sum() for c in counts.chunk(parts)]).double()
+        assert loads.max() / loads.mean() < 1.02
+    natural = torch.stack([c.sum() for c in layout.pair_counts().chunk(4)]).double()
+    assert natural.max() / natural.mean() > 1.5

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from translution_dist.models.attention import RELATIVE_SUBSETS, AlphaTranslutionAttention, TranslutionAttention
+from translution_dist.models.attention import (
+    RELATIVE_SUBSETS,
+    AlphaTranslutionAttention,
+    TranslutionAttention,
+    set_pair_chunk_bytes,
+)
 from translution_dist.models.reference import naive_alpha_translution, naive_translution
 from translution_dist.ops import CausalLayout, ImageGridLayout
 
@@ -27,7 +32,7 @@ def _assert_matches(layer: torch.nn.Module, naive, n: int) -> None:
     torch.manual_seed(1)
     x = torch.randn(2, n, layer.norm.normalized_shape[0], dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, n, layer.out_proj.out_features, dtype=torch.float64)
-    layer.chunk_bytes = 4096  # many small chunks, padding included
+    set_pair_chunk_bytes(layer, 4096)  # many small pair chunks, padding included
     ours = _outputs_and_grads(layer, layer, x, grad)
     reference = _outputs_and_grads(layer, lambda t: naive(layer, t), x, grad)
     names = ["output", "x", *(name for name, _ in layer.named_parameters())]
@@ -37,27 +42,36 @@ def _assert_matches(layer: torch.nn.Module, naive, n: int) -> None:
 
 @pytest.mark.parametrize("layout,n", LAYOUTS)
 @pytest.mark.parametrize("relative", RELATIVE_SUBSETS)
-def test_translution_matches_reference(layout, n, relative):
+@pytest.mark.parametrize("bank_chunks", [1, 3])
+def test_translution_matches_reference(layout, n, relative, bank_chunks):
     torch.manual_seed(0)
-    layer = TranslutionAttention(layout, dim=12, heads=3, dim_head=4, relative=relative).double()
-    _assert_matches(layer, naive_translution, n)
+    layer = TranslutionAttention(layout, dim=12, heads=3, dim_head=4, relative=relative, bank_chunks=bank_chunks)
+    _assert_matches(layer.double(), naive_translution, n)
 
 
 @pytest.mark.parametrize("layout,n", LAYOUTS)
-def test_alpha_translution_matches_reference(layout, n):
+@pytest.mark.parametrize("bank_chunks", [1, 4])
+def test_alpha_translution_matches_reference(layout, n, bank_chunks):
     torch.manual_seed(0)
-    layer = AlphaTranslutionAttention(layout, dim=12, heads=3, dim_head=4, rank=2).double()
-    _assert_matches(layer, naive_alpha_translution, n)
+    layer = AlphaTranslutionAttention(layout, dim=12, heads=3, dim_head=4, rank=2, bank_chunks=bank_chunks)
+    _assert_matches(layer.double(), naive_alpha_translution, n)
 
 
-def test_chunking_does_not_change_results():
+def test_pair_chunk_budget_does_not_change_results():
     torch.manual_seed(0)
     layer = TranslutionAttention(ImageGridLayout(4, 3), dim=8, heads=2, dim_head=4).double()
     x = torch.randn(3, 13, 8, dtype=torch.float64)
     results = []
     for budget in (256, 4096, 1 << 30):
-        layer.chunk_bytes = budget
+        set_pair_chunk_bytes(layer, budget)
         results.append(layer(x))
-    assert len(layer.plan_for(13, 3, 8 * 3 * 16).chunks) == 1
     for other in results[1:]:
         torch.testing.assert_close(results[0], other, rtol=1e-12, atol=1e-12)
+
+
+def test_bank_round_trips_through_displacement_order():
+    layer = TranslutionAttention(CausalLayout(10), dim=4, heads=1, dim_head=4, bank_chunks=3)
+    official = torch.randn(10, 4, 4)
+    layer.load_bank("k", official)
+    assert torch.equal(layer.bank("k").detach(), official)
+    assert [chunk.rows for chunk in layer.score_banks] == [(0, 3), (3, 6), (6, 10)]

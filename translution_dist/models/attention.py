@@ -1,8 +1,9 @@
 """Attention layers: Translution, α-Translution and the self-attention baselines.
 
 Every layer is pre-norm (it LayerNorms its input) and returns the residual branch. The
-layers know nothing of parallelism: banks are plain parameters, and the only hooks that
-sharding code uses are the attributes named in :class:`RelativeAttentionBase`.
+layers know nothing of parallelism: banks are plain parameters in per-chunk modules, head
+counts follow from the width in hand (``dim_head`` is fixed), and the only hooks sharding
+code uses are the attributes named in :class:`RelativeAttentionBase` and ``_BankChunk``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from translution_dist.ops import (
 )
 
 RELATIVE_SUBSETS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_PAIR_CHUNK_BYTES = 64 << 20
+"""Memory one step of the kernels may use for per-pair rows (see ``pair_plan``)."""
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
+def _split_heads(x: Tensor, dim_head: int) -> Tensor:
     b, n, _ = x.shape
-    return x.view(b, n, heads, -1).transpose(1, 2)
+    return x.view(b, n, -1, dim_head).transpose(1, 2)
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -42,34 +44,121 @@ def _masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     return torch.softmax(scores, dim=-1)
 
 
+def chunk_bounds(num_rows: int, num_chunks: int) -> list[tuple[int, int]]:
+    """Split ``num_rows`` bank rows into ``num_chunks`` contiguous, near-equal ranges."""
+    if not 1 <= num_chunks <= num_rows:
+        raise ValueError(f"bank_chunks must be between 1 and K={num_rows}, got {num_chunks}")
+    edges = [num_rows * c // num_chunks for c in range(num_chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class _BankChunk(nn.Module):
+    """Bank rows ``[start, stop)`` (in ``layout.storage_order``) of some projections.
+
+    One chunk is one unit of gathering for ZeRO-3: its forward is the only place its
+    weights are used, so FSDP2 and DeepSpeed gather, use and free one chunk at a time.
+    Displacement parallelism narrows ``rows`` to the rows this rank holds.
+    """
+
+    def __init__(self, layout: RelativeLayout, start: int, stop: int, in_features: int, out_features: int,
+                 sides: str, dim_head: int) -> None:
+        super().__init__()
+        self.layout = layout
+        self.rows = (start, stop)
+        self.dim_head = dim_head
+        self.pair_chunk_bytes = DEFAULT_PAIR_CHUNK_BYTES
+        for side in sides:
+            self.add_module(side, DisplacementBank(stop - start, in_features, out_features))
+
+    def _weight(self, side: str) -> Tensor | None:
+        bank = getattr(self, side, None)
+        return None if bank is None else bank.weight
+
+    def _plan(self, n: int, batch: int, bytes_per_pair_row: int):
+        budget = pairs_per_chunk(batch, bytes_per_pair_row, self.pair_chunk_bytes)
+        return pair_plan(self.layout, n, budget, self.rows)
+
+
+class ScoreBankChunk(_BankChunk):
+    """Query/key bank rows of one chunk; forward gives its pairs' dense scores."""
+
+    def forward(self, xq: Tensor, xk: Tensor, scale: float) -> Tensor:
+        b, n, _ = xq.shape
+        wq, wk = self._weight("q"), self._weight("k")
+        width = xq.shape[-1] + xk.shape[-1] + 2 * max(w.shape[-1] for w in (wq, wk) if w is not None)
+        plan = self._plan(n, b, xq.element_size() * width)
+        return pair_scores(xq, xk, wq, wk, plan, self.dim_head, scale)
+
+
+class ValueBankChunk(_BankChunk):
+    """Value bank rows of one chunk; forward gives its pairs' weighted values."""
+
+    def forward(self, attn: Tensor, xv: Tensor) -> Tensor:
+        b, _, n, _ = attn.shape
+        wv = self._weight("v")
+        plan = self._plan(n, b, xv.element_size() * 2 * (xv.shape[-1] + wv.shape[-1]))
+        return pair_values(attn, xv, wv, plan)
+
+
 class RelativeAttentionBase(nn.Module):
     """Shared machinery of the layers with displacement banks.
 
-    Sharding code may set:
-
-    * ``row_softmax`` — the softmax over keys (displacement parallelism completes it across
-      the ranks that own the other displacements);
-    * ``owned_displacements`` — the key-side displacements whose pairs this rank computes
-      (``None``: all of them).
+    Banks live in ``score_banks`` (query/key rows) and ``value_banks`` (value rows), one
+    module per displacement chunk. Sharding code may replace ``row_softmax``, the softmax
+    over keys: displacement parallelism completes it across the ranks that hold the other
+    displacements.
     """
 
-    def __init__(self, layout: RelativeLayout, heads: int) -> None:
+    def __init__(self, layout: RelativeLayout, dim_head: int) -> None:
         super().__init__()
         self.layout = layout
-        self.heads = heads
-        self.chunk_bytes = DEFAULT_CHUNK_BYTES
+        self.dim_head = dim_head
         self.row_softmax: Callable[[Tensor, Tensor | None], Tensor] = _masked_softmax
-        self.owned_displacements: tuple[int, ...] | None = None
 
-    def plan_for(self, n: int, batch: int, bytes_per_pair_row: int):
-        budget = pairs_per_chunk(batch, bytes_per_pair_row, self.chunk_bytes)
-        return pair_plan(self.layout, n, budget, self.owned_displacements)
+    def _make_banks(self, sides: str, in_features: int, out_features: int, bank_chunks: int, dim_head: int) -> None:
+        bounds = chunk_bounds(self.layout.num_displacements, bank_chunks)
+        score_sides = "".join(c for c in "qk" if c in sides)
+        self.score_banks = nn.ModuleList(
+            ScoreBankChunk(self.layout, a, b, in_features, out_features, score_sides, dim_head) for a, b in bounds
+        ) if score_sides else None
+        self.value_banks = nn.ModuleList(
+            ValueBankChunk(self.layout, a, b, in_features, out_features, "v", dim_head) for a, b in bounds
+        ) if "v" in sides else None
+
+    def _relative_scores(self, xq: Tensor, xk: Tensor, scale: float) -> Tensor:
+        return _sum(chunk(xq, xk, scale) for chunk in self.score_banks)
+
+    def _relative_values(self, attn: Tensor, xv: Tensor) -> Tensor:
+        return _sum(chunk(attn, xv) for chunk in self.value_banks)
+
+    def bank(self, side: str) -> Tensor:
+        """The whole ``[K, C_in, C_out]`` bank of ``side`` in displacement order (differentiable)."""
+        banks = self.value_banks if side == "v" else self.score_banks
+        rows = torch.cat([getattr(chunk, side).weight for chunk in banks], dim=0)
+        return rows[self.layout.storage_row.to(rows.device)]
+
+    @torch.no_grad()
+    def load_bank(self, side: str, weight: Tensor) -> None:
+        """Set ``side``'s bank from a ``[K, C_in, C_out]`` tensor in displacement order."""
+        banks = self.value_banks if side == "v" else self.score_banks
+        stored = weight[self.layout.storage_order.to(weight.device)]
+        for chunk in banks:
+            start, stop = chunk.rows
+            getattr(chunk, side).weight.copy_(stored[start:stop])
 
 
-def _projection(relative: bool, num_displacements: int, dim: int, inner_dim: int) -> nn.Module:
-    if relative:
-        return DisplacementBank(num_displacements, dim, inner_dim)
-    return nn.Linear(dim, inner_dim, bias=False)
+def set_pair_chunk_bytes(module: nn.Module, nbytes: int) -> None:
+    """Bound the per-pair working memory of every bank chunk under ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, _BankChunk):
+            sub.pair_chunk_bytes = nbytes
+
+
+def _sum(parts) -> Tensor:
+    total = None
+    for part in parts:
+        total = part if total is None else total + part
+    return total
 
 
 class TranslutionAttention(RelativeAttentionBase):
@@ -81,45 +170,37 @@ class TranslutionAttention(RelativeAttentionBase):
     ``a = softmax_j(⟨q_ij, k_ij⟩/√d_head)`` per head, ``o_i = Σ_j a_ij·v_ij``.
     """
 
-    def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, relative: str = "qkv") -> None:
-        super().__init__(layout, heads)
+    def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, relative: str = "qkv",
+                 bank_chunks: int = 1) -> None:
+        super().__init__(layout, dim_head)
         if relative not in RELATIVE_SUBSETS:
             raise ValueError(f"relative must be one of {RELATIVE_SUBSETS}, got {relative!r}")
         inner_dim = heads * dim_head
         self.relative = relative
         self.scale = dim_head ** -0.5
         self.norm = nn.LayerNorm(dim)
-        k = layout.num_displacements
-        self.q_proj = _projection("q" in relative, k, dim, inner_dim)
-        self.k_proj = _projection("k" in relative, k, dim, inner_dim)
-        self.v_proj = _projection("v" in relative, k, dim, inner_dim)
+        for side in "qkv":
+            if side not in relative:
+                self.add_module(f"{side}_proj", nn.Linear(dim, inner_dim, bias=False))
+        self._make_banks(relative, dim, inner_dim, bank_chunks, dim_head)
         self.out_proj = nn.Linear(inner_dim, dim)
 
-    def _side(self, name: str, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(input, bank)`` of a relative side, ``(projection, None)`` of a plain one."""
-        proj = getattr(self, f"{name}_proj")
-        if isinstance(proj, DisplacementBank):
-            return x, proj.weight
-        return proj(x), None
+    def _plain(self, side: str, x: Tensor) -> Tensor:
+        """Input of a relative side, projection of a plain one."""
+        return x if side in self.relative else getattr(self, f"{side}_proj")(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
         x = self.norm(x)
-        inner = self.out_proj.in_features
-        plan = self.plan_for(n, b, x.element_size() * 3 * (c + inner))
-        mask = self.layout.attention_mask(n)
-        xq, wq = self._side("q", x)
-        xk, wk = self._side("k", x)
-        xv, wv = self._side("v", x)
-        if wq is None and wk is None:
-            scores = _split_heads(xq, self.heads) @ _split_heads(xk, self.heads).transpose(-1, -2) * self.scale
+        xq, xk, xv = (self._plain(side, x) for side in "qkv")
+        if self.score_banks is None:
+            scores = _split_heads(xq, self.dim_head) @ _split_heads(xk, self.dim_head).transpose(-1, -2) * self.scale
         else:
-            scores = pair_scores(xq, xk, wq, wk, plan, self.heads, self.scale)
-        attn = self.row_softmax(scores, mask)
-        if wv is None:
-            out = _merge_heads(attn @ _split_heads(xv, self.heads))
+            scores = self._relative_scores(xq, xk, self.scale)
+        attn = self.row_softmax(scores, self.layout.attention_mask(x.shape[1]))
+        if self.value_banks is None:
+            out = _merge_heads(attn @ _split_heads(xv, self.dim_head))
         else:
-            out = pair_values(attn, xv, wv, plan)
+            out = self._relative_values(attn, xv)
         return self.out_proj(out)
 
 
@@ -132,11 +213,11 @@ class AlphaTranslutionAttention(RelativeAttentionBase):
     ``[K, h·r, h·r]`` and ``U`` is ``Linear(h·r, C')``.
     """
 
-    def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, rank: int = 8) -> None:
-        super().__init__(layout, heads)
+    def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, rank: int = 8,
+                 bank_chunks: int = 1) -> None:
+        super().__init__(layout, dim_head)
         inner_dim = heads * dim_head
         low = heads * rank
-        k = layout.num_displacements
         self.rank = rank
         self.scale = dim_head ** -0.5
         self.norm = nn.LayerNorm(dim)
@@ -144,25 +225,19 @@ class AlphaTranslutionAttention(RelativeAttentionBase):
         self.q_down = nn.Linear(dim, low, bias=False)
         self.k_down = nn.Linear(dim, low, bias=False)
         self.v_down = nn.Linear(dim, low, bias=False)
-        self.q_bank = DisplacementBank(k, low, low)
-        self.k_bank = DisplacementBank(k, low, low)
-        self.v_bank = DisplacementBank(k, low, low)
+        self._make_banks("qkv", low, low, bank_chunks, rank)
         self.v_up = nn.Linear(low, inner_dim, bias=False)
         self.out_proj = nn.Linear(inner_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
         x = self.norm(x)
-        q1, k1, v1 = (_split_heads(t, self.heads) for t in self.qkv_proj(x).chunk(3, dim=-1))
-        low = self.q_bank.in_features
-        plan = self.plan_for(n, b, x.element_size() * 6 * low)
+        q1, k1, v1 = (_split_heads(t, self.dim_head) for t in self.qkv_proj(x).chunk(3, dim=-1))
         half_scale = self.scale / 2
         scores = q1 @ k1.transpose(-1, -2) * half_scale
-        scores = scores + pair_scores(
-            self.q_down(x), self.k_down(x), self.q_bank.weight, self.k_bank.weight, plan, self.heads, half_scale)
-        attn = self.row_softmax(scores, self.layout.attention_mask(n))
+        scores = scores + self._relative_scores(self.q_down(x), self.k_down(x), half_scale)
+        attn = self.row_softmax(scores, self.layout.attention_mask(x.shape[1]))
         out1 = _merge_heads(attn @ v1)
-        out2 = self.v_up(pair_values(attn, self.v_down(x), self.v_bank.weight, plan))
+        out2 = self.v_up(self._relative_values(attn, self.v_down(x)))
         return self.out_proj((out1 + out2) / 2)
 
 
@@ -179,7 +254,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"position must be none, rope or relative_bias, got {position!r}")
         inner_dim = heads * dim_head
         self.layout = layout
-        self.heads = heads
+        self.dim_head = dim_head
         self.position = position
         self.causal = causal
         self.norm = nn.LayerNorm(dim)
@@ -195,7 +270,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
-        q, k, v = (_split_heads(t, self.heads) for t in self.qkv_proj(self.norm(x)).chunk(3, dim=-1))
+        q, k, v = (_split_heads(t, self.dim_head) for t in self.qkv_proj(self.norm(x)).chunk(3, dim=-1))
         mask = None
         if self.position == "rope":
             positions = _rope_positions(self.layout, n).to(x.device)

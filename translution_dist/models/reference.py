@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from translution_dist.models.attention import AlphaTranslutionAttention, TranslutionAttention
-from translution_dist.ops import DisplacementBank, RelativeLayout
+from translution_dist.models.attention import AlphaTranslutionAttention, RelativeAttentionBase, TranslutionAttention
 
 
 def _per_pair(x: Tensor, weight: Tensor, index: Tensor, token_axis: str) -> Tensor:
@@ -29,20 +28,22 @@ def _broadcast(projected: Tensor, token_axis: str) -> Tensor:
     return projected[:, :, None].expand(-1, -1, n, -1) if token_axis == "i" else projected[:, None].expand(-1, n, -1, -1)
 
 
-def _official_order(bank: Tensor, layout: RelativeLayout, token_axis: str) -> Tensor:
-    """Key banks are stored officially; query banks are stored mirrored."""
-    return bank[layout.mirror.to(bank.device)] if token_axis == "i" else bank
+def _official_order(layer: RelativeAttentionBase, side: str) -> Tensor:
+    """A bank indexed as the formulas index it: query banks by the query-side displacement."""
+    bank = layer.bank(side)
+    return bank[layer.layout.mirror.to(bank.device)] if side == "q" else bank
 
 
-def _side(x: Tensor, proj: torch.nn.Module, index: Tensor, token_axis: str, layout: RelativeLayout) -> Tensor:
-    if isinstance(proj, DisplacementBank):
-        return _per_pair(x, _official_order(proj.weight, layout, token_axis), index, token_axis)
-    return _broadcast(proj(x), token_axis)
+def _side(layer: TranslutionAttention, side: str, x: Tensor, index: Tensor) -> Tensor:
+    token_axis = "i" if side == "q" else "j"
+    if side in layer.relative:
+        return _per_pair(x, _official_order(layer, side), index, token_axis)
+    return _broadcast(getattr(layer, f"{side}_proj")(x), token_axis)
 
 
-def _relative_scores(q: Tensor, k: Tensor, heads: int) -> Tensor:
+def _relative_scores(q: Tensor, k: Tensor, dim_head: int) -> Tensor:
     b, n, _, _ = q.shape
-    return (q.view(b, n, n, heads, -1) * k.view(b, n, n, heads, -1)).sum(-1).permute(0, 3, 1, 2)
+    return (q.view(b, n, n, -1, dim_head) * k.view(b, n, n, -1, dim_head)).sum(-1).permute(0, 3, 1, 2)
 
 
 def _weighted_values(attn: Tensor, v: Tensor) -> Tensor:
@@ -51,7 +52,7 @@ def _weighted_values(attn: Tensor, v: Tensor) -> Tensor:
     return out.sum(2).reshape(b, n, -1)
 
 
-def _softmax(scores: Tensor, layout: RelativeLayout) -> Tensor:
+def _softmax(scores: Tensor, layout) -> Tensor:
     key_index, _ = layout.index_maps(scores.shape[-1])
     return torch.softmax(scores.masked_fill(key_index.to(scores.device) < 0, float("-inf")), dim=-1)
 
@@ -59,10 +60,10 @@ def _softmax(scores: Tensor, layout: RelativeLayout) -> Tensor:
 def naive_translution(layer: TranslutionAttention, x: Tensor) -> Tensor:
     key_index, query_index = (t.to(x.device) for t in layer.layout.index_maps(x.shape[1]))
     h = layer.norm(x)
-    q = _side(h, layer.q_proj, query_index, "i", layer.layout)
-    k = _side(h, layer.k_proj, key_index, "j", layer.layout)
-    v = _side(h, layer.v_proj, key_index, "j", layer.layout)
-    attn = _softmax(_relative_scores(q, k, layer.heads) * layer.scale, layer.layout)
+    q = _side(layer, "q", h, query_index)
+    k = _side(layer, "k", h, key_index)
+    v = _side(layer, "v", h, key_index)
+    attn = _softmax(_relative_scores(q, k, layer.dim_head) * layer.scale, layer.layout)
     return layer.out_proj(_weighted_values(attn, v))
 
 
@@ -70,11 +71,11 @@ def naive_alpha_translution(layer: AlphaTranslutionAttention, x: Tensor) -> Tens
     key_index, query_index = (t.to(x.device) for t in layer.layout.index_maps(x.shape[1]))
     b, n, _ = x.shape
     h = layer.norm(x)
-    q1, k1, v1 = (t.view(b, n, layer.heads, -1).transpose(1, 2) for t in layer.qkv_proj(h).chunk(3, dim=-1))
-    q2 = _per_pair(layer.q_down(h), _official_order(layer.q_bank.weight, layer.layout, "i"), query_index, "i")
-    k2 = _per_pair(layer.k_down(h), layer.k_bank.weight, key_index, "j")
-    v2 = _per_pair(layer.v_down(h), layer.v_bank.weight, key_index, "j")
-    scores = (q1 @ k1.transpose(-1, -2) + _relative_scores(q2, k2, layer.heads)) / 2 * layer.scale
+    q1, k1, v1 = (t.view(b, n, -1, layer.dim_head).transpose(1, 2) for t in layer.qkv_proj(h).chunk(3, dim=-1))
+    q2 = _per_pair(layer.q_down(h), _official_order(layer, "q"), query_index, "i")
+    k2 = _per_pair(layer.k_down(h), _official_order(layer, "k"), key_index, "j")
+    v2 = _per_pair(layer.v_down(h), _official_order(layer, "v"), key_index, "j")
+    scores = (q1 @ k1.transpose(-1, -2) + _relative_scores(q2, k2, layer.rank)) / 2 * layer.scale
     attn = _softmax(scores, layer.layout)
     out1 = (attn @ v1).transpose(1, 2).reshape(b, n, -1)
     out2 = layer.v_up(_weighted_values(attn, v2))

@@ -61,6 +61,22 @@ class RelativeLayout(ABC):
             raise ValueError(f"sequence length {n} outside 1..{self.max_tokens} for {self}")
         return _cached_index_maps(self, n)
 
+    @functools.cached_property
+    def storage_order(self) -> torch.Tensor:
+        """``[K]``: the displacement stored in each bank row (heavy and light interleaved)."""
+        by_count = torch.argsort(self.pair_counts(), descending=True, stable=True)
+        heavy, light = by_count[: (len(by_count) + 1) // 2], by_count[(len(by_count) + 1) // 2:].flip(0)
+        order = torch.empty_like(by_count)
+        order[0::2], order[1::2] = heavy, light
+        return order
+
+    @functools.cached_property
+    def storage_row(self) -> torch.Tensor:
+        """``[K]``: the bank row of each displacement (inverse of :attr:`storage_order`)."""
+        rows = torch.empty_like(self.storage_order)
+        rows[self.storage_order] = torch.arange(len(rows))
+        return rows
+
     def attention_mask(self, n: int) -> torch.Tensor | None:
         """``[n, n]`` bool, True where a pair is allowed; ``None`` when every pair is."""
         key_index, _ = self.index_maps(n)

@@ -1,9 +1,9 @@
 """Displacement-major schedules of token pairs.
 
 The operators never gather a bank per token pair. Instead they walk the displacement axis:
-all pairs that share a key-side displacement ``d`` use the same row ``d`` of every bank
-(banks are stored in key-side order, see :mod:`translution_dist.ops.layouts`), so one
-batched matrix product per displacement computes their projections. Displacements are grouped into chunks of similar
+all pairs that share a key-side displacement use the same row of every bank (banks are
+stored in key-side order, see :mod:`translution_dist.ops.layouts`), so one batched matrix
+product per displacement computes their projections. Displacements are grouped into chunks of similar
 pair count (padded to the longest), which bounds the memory of one step by the chunk and
 turns the many small products into a few ``bmm`` calls.
 """
@@ -26,7 +26,7 @@ class PairChunk:
     position ``n·n`` (a scratch slot), so they contribute nothing.
     """
 
-    displacements: torch.Tensor  # [D] bank rows (key-side displacements)
+    rows: torch.Tensor  # [D] rows of the bank (chunk) in hand, one per displacement
     query_tokens: torch.Tensor  # [D, P] query token i of each pair
     key_tokens: torch.Tensor  # [D, P] key token j of each pair
     flat_pairs: torch.Tensor  # [D·P] i·n + j of each pair
@@ -55,7 +55,7 @@ def _plan_on_device(plan: PairPlan, device: torch.device) -> PairPlan:
         return plan
     moved = tuple(
         PairChunk(*(t.to(device, non_blocking=True) for t in (
-            c.displacements, c.query_tokens, c.key_tokens, c.flat_pairs)))
+            c.rows, c.query_tokens, c.key_tokens, c.flat_pairs)))
         for c in plan.chunks
     )
     return PairPlan(plan.num_tokens, moved, plan.num_pairs)
@@ -71,40 +71,34 @@ def pair_plan(
     layout: RelativeLayout,
     num_tokens: int,
     max_pairs_per_chunk: int,
-    displacements: tuple[int, ...] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> PairPlan:
     """The (cached) plan for ``num_tokens`` tokens.
 
-    ``displacements`` restricts the plan to those key-side displacements (a bank shard or
-    chunk); by default all ``K``. ``max_pairs_per_chunk`` bounds ``D·P`` of every chunk
-    except one that holds a single displacement with more pairs than that.
+    ``rows = (start, stop)`` restricts the plan to the displacements stored in those bank
+    rows (a bank chunk or shard; see ``layout.storage_order``) and numbers them from
+    ``start``; by default all ``K`` rows. ``max_pairs_per_chunk`` bounds ``D·P`` of every
+    chunk except one that holds a single displacement with more pairs than that.
     """
     if max_pairs_per_chunk < 1:
         raise ValueError("max_pairs_per_chunk must be positive")
-    return _build_plan(layout, num_tokens, max_pairs_per_chunk, displacements)
+    start, stop = rows if rows is not None else (0, layout.num_displacements)
+    if not 0 <= start <= stop <= layout.num_displacements:
+        raise ValueError(f"rows {rows} outside 0..{layout.num_displacements}")
+    return _build_plan(layout, num_tokens, max_pairs_per_chunk, start, stop)
 
 
 @functools.lru_cache(maxsize=256)
-def _build_plan(
-    layout: RelativeLayout,
-    n: int,
-    max_pairs: int,
-    displacements: tuple[int, ...] | None,
-) -> PairPlan:
+def _build_plan(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop: int) -> PairPlan:
     key_index, _ = layout.index_maps(n)
-    flat_key = key_index.flatten()
-    allowed = flat_key >= 0
-    pair_ids = torch.nonzero(allowed).flatten()
-    disp_of_pair = flat_key[pair_ids]
-    if displacements is not None:
-        wanted = torch.zeros(layout.num_displacements, dtype=torch.bool)
-        wanted[list(displacements)] = True
-        keep = wanted[disp_of_pair]
-        pair_ids, disp_of_pair = pair_ids[keep], disp_of_pair[keep]
+    flat_row = layout.storage_row[key_index.clamp(min=0)].flatten()
+    in_range = (key_index.flatten() >= 0) & (flat_row >= start) & (flat_row < stop)
+    pair_ids = torch.nonzero(in_range).flatten()
+    row_of_pair = flat_row[pair_ids] - start
 
-    order = torch.argsort(disp_of_pair, stable=True)
-    pair_ids, disp_of_pair = pair_ids[order], disp_of_pair[order]
-    disps, counts = torch.unique_consecutive(disp_of_pair, return_counts=True)
+    order = torch.argsort(row_of_pair, stable=True)
+    pair_ids, row_of_pair = pair_ids[order], row_of_pair[order]
+    local_rows, counts = torch.unique_consecutive(row_of_pair, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
 
     # Largest groups first, so each chunk pads its groups to a similar length.
@@ -114,17 +108,17 @@ def _build_plan(
     for g in by_size:
         longest = int(counts[group[0]]) if group else int(counts[g])
         if group and (len(group) + 1) * longest > max_pairs:
-            chunks.append(_make_chunk(group, disps, counts, starts, pair_ids, n))
+            chunks.append(_make_chunk(group, local_rows, counts, starts, pair_ids, n))
             group = []
         group.append(g)
     if group:
-        chunks.append(_make_chunk(group, disps, counts, starts, pair_ids, n))
+        chunks.append(_make_chunk(group, local_rows, counts, starts, pair_ids, n))
     return PairPlan(num_tokens=n, chunks=tuple(chunks), num_pairs=int(pair_ids.numel()))
 
 
 def _make_chunk(
     group: list[int],
-    disps: torch.Tensor,
+    local_rows: torch.Tensor,
     counts: torch.Tensor,
     starts: torch.Tensor,
     pair_ids: torch.Tensor,
@@ -139,7 +133,7 @@ def _make_chunk(
     query_tokens = torch.where(pad, n, flat // n)
     key_tokens = torch.where(pad, n, flat % n)
     return PairChunk(
-        displacements=disps[torch.tensor(group)],
+        rows=local_rows[torch.tensor(group)],
         query_tokens=query_tokens,
         key_tokens=key_tokens,
         flat_pairs=flat.flatten(),

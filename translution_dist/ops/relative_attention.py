@@ -15,13 +15,17 @@ The softmax between them is ordinary (or distributed, for displacement paralleli
 bank split into chunks or shards is simply several plans whose results are summed.
 
 A side that is not relative passes ``weight=None`` and an already projected ``[B, N, C']``
-tensor, which the kernels gather per pair.
+tensor, which the kernels gather per pair. Heads are counted from the width in hand
+(``C'_local / dim_head``), so a head-sharded bank works unchanged; a DTensor bank is used
+through its local shard.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from torch.distributed.tensor import DTensor
 
 from translution_dist.ops.pair_plan import PairChunk, PairPlan
 
@@ -81,14 +85,15 @@ def _padded_dense(x: Tensor) -> Tensor:
 
 class _PairScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xq, xk, wq, wk, plan: PairPlan, heads: int, scale: float):
+    def forward(ctx, xq, xk, wq, wk, plan: PairPlan, dim_head: int, scale: float):
         b, n, _ = xq.shape
+        heads = (xq.shape[-1] if wq is None else wq.shape[-1]) // dim_head
         xq_t, xk_t = _token_major(xq), _token_major(xk)
         dense = xq.new_zeros(b, heads, n * n + 1)
         for chunk in plan.chunks:
             d, p = chunk.shape
-            q = _Projection(xq_t, wq, chunk.query_tokens, chunk.displacements).outputs
-            k = _Projection(xk_t, wk, chunk.key_tokens, chunk.displacements).outputs
+            q = _Projection(xq_t, wq, chunk.query_tokens, chunk.rows).outputs
+            k = _Projection(xk_t, wk, chunk.key_tokens, chunk.rows).outputs
             s = (q.view(d, p, b, heads, -1) * k.view(d, p, b, heads, -1)).sum(-1)
             _scatter_pairs(dense, chunk, s * scale)
         ctx.save_for_backward(xq, xk, wq, wk)
@@ -107,8 +112,8 @@ class _PairScores(torch.autograd.Function):
         gwk = torch.zeros_like(wk) if wk is not None and ctx.needs_input_grad[3] else None
         for chunk in plan.chunks:
             d, p = chunk.shape
-            q = _Projection(xq_t, wq, chunk.query_tokens, chunk.displacements)
-            k = _Projection(xk_t, wk, chunk.key_tokens, chunk.displacements)
+            q = _Projection(xq_t, wq, chunk.query_tokens, chunk.rows)
+            k = _Projection(xk_t, wk, chunk.key_tokens, chunk.rows)
             g = _pairs_of(grad_dense, chunk) * scale  # [D, P, B, h, 1]
             q.backward((g * k.outputs.view(d, p, b, heads, -1)).reshape(q.outputs.shape), gxq_t, gwq)
             k.backward((g * q.outputs.view(d, p, b, heads, -1)).reshape(k.outputs.shape), gxk_t, gwk)
@@ -124,7 +129,7 @@ class _PairValues(torch.autograd.Function):
         out_t = None
         for chunk in plan.chunks:
             d, p = chunk.shape
-            v = _Projection(xv_t, wv, chunk.key_tokens, chunk.displacements).outputs
+            v = _Projection(xv_t, wv, chunk.key_tokens, chunk.rows).outputs
             if out_t is None:
                 out_t = xv.new_zeros(n + 1, b, v.shape[-1])
             weighted = _pairs_of(attn_dense, chunk) * v.view(d, p, b, heads, -1)
@@ -149,7 +154,7 @@ class _PairValues(torch.autograd.Function):
         gwv = torch.zeros_like(wv) if wv is not None and ctx.needs_input_grad[2] else None
         for chunk in plan.chunks:
             d, p = chunk.shape
-            v = _Projection(xv_t, wv, chunk.key_tokens, chunk.displacements)
+            v = _Projection(xv_t, wv, chunk.key_tokens, chunk.rows)
             go = grad_out_t[chunk.query_tokens].view(d, p, b, heads, -1)
             _scatter_pairs(grad_attn, chunk, (go * v.outputs.view(d, p, b, heads, -1)).sum(-1))
             v.backward((_pairs_of(attn_dense, chunk) * go).reshape(v.outputs.shape), gxv_t, gwv)
@@ -157,17 +162,22 @@ class _PairValues(torch.autograd.Function):
         return grad_attn, _batch_major(gxv_t, n), gwv, None
 
 
+def _local(weight: Tensor | None) -> Tensor | None:
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
 def pair_scores(
-    xq: Tensor, xk: Tensor, wq: Tensor | None, wk: Tensor | None, plan: PairPlan, heads: int, scale: float,
+    xq: Tensor, xk: Tensor, wq: Tensor | None, wk: Tensor | None, plan: PairPlan, dim_head: int, scale: float,
 ) -> Tensor:
     """Dense ``[B, h, N, N]`` scores ``scale·⟨q_ij, k_ij⟩`` of the planned pairs, zero elsewhere.
 
-    ``xq``/``xk`` are ``[B, N, C_in]`` inputs of relative sides (with ``[K, C_in, C']``
-    banks ``wq``/``wk``) or ``[B, N, C']`` projections of plain sides (weight ``None``).
+    ``xq``/``xk`` are ``[B, N, C_in]`` inputs of relative sides (with ``[D, C_in, C']``
+    banks ``wq``/``wk`` whose rows the plan names) or ``[B, N, C']`` projections of plain
+    sides (weight ``None``).
     """
-    return _PairScores.apply(xq, xk, wq, wk, plan.to(xq.device), heads, scale)
+    return _PairScores.apply(xq, xk, _local(wq), _local(wk), plan.to(xq.device), dim_head, scale)
 
 
 def pair_values(attn: Tensor, xv: Tensor, wv: Tensor | None, plan: PairPlan) -> Tensor:
     """``[B, N, C']`` outputs ``o_i = Σ_j a_ij·v_ij`` over the planned pairs, heads concatenated."""
-    return _PairValues.apply(attn, xv, wv, plan.to(xv.device))
+    return _PairValues.apply(attn, xv, _local(wv), plan.to(xv.device))
