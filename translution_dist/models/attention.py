@@ -261,12 +261,20 @@ class SelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(dim, 3 * inner_dim, bias=False)
         self.out_proj = nn.Linear(inner_dim, dim)
         if position == "relative_bias":
-            self.bias_table = nn.Parameter(torch.zeros(layout.num_displacements, heads))
-            nn.init.trunc_normal_(self.bias_table, std=0.02)
+            self.bias_table = nn.Parameter(torch.empty(layout.num_displacements, heads))
         if position == "rope":
             if dim_head % 4:
                 raise ValueError(f"rope needs dim_head divisible by 4, got {dim_head}")
-            self.register_buffer("rope_freqs", _rope_frequencies(dim_head // _rope_axes(layout)), persistent=False)
+            self.register_buffer("rope_freqs", torch.empty(dim_head // _rope_axes(layout) // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise what this layer owns directly (also after ``to_empty`` from the meta device)."""
+        if self.position == "relative_bias":
+            nn.init.trunc_normal_(self.bias_table, std=0.02)
+        if self.position == "rope" and self.rope_freqs.device.type != "meta":
+            with torch.no_grad():
+                self.rope_freqs.copy_(_rope_frequencies(self.rope_freqs.numel() * 2))
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape

@@ -64,7 +64,7 @@ class RelativeLayout(ABC):
     @functools.cached_property
     def storage_order(self) -> torch.Tensor:
         """``[K]``: the displacement stored in each bank row (heavy and light interleaved)."""
-        by_count = torch.argsort(self.pair_counts(), descending=True, stable=True)
+        by_count = torch.argsort(self.pair_counts(), descending=True, stable=True)  # CPU: from index_maps
         heavy, light = by_count[: (len(by_count) + 1) // 2], by_count[(len(by_count) + 1) // 2:].flip(0)
         order = torch.empty_like(by_count)
         order[0::2], order[1::2] = heavy, light
@@ -74,7 +74,7 @@ class RelativeLayout(ABC):
     def storage_row(self) -> torch.Tensor:
         """``[K]``: the bank row of each displacement (inverse of :attr:`storage_order`)."""
         rows = torch.empty_like(self.storage_order)
-        rows[self.storage_order] = torch.arange(len(rows))
+        rows[self.storage_order] = torch.arange(len(rows), device="cpu")
         return rows
 
     def attention_mask(self, n: int) -> torch.Tensor | None:
@@ -92,7 +92,8 @@ class RelativeLayout(ABC):
 
 @functools.lru_cache(maxsize=64)
 def _cached_index_maps(layout: RelativeLayout, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return layout._index_maps(n)
+    with torch.device("cpu"):  # index maps are small CPU tensors, also when a model is built on meta
+        return layout._index_maps(n)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class ImageGridLayout(RelativeLayout):
     @property
     def mirror(self) -> torch.Tensor:
         k, patch = self.num_displacements, self.num_patch_displacements
-        return torch.cat([torch.arange(patch - 1, -1, -1), torch.tensor([k - 3, k - 1, k - 2])])
+        return torch.cat([torch.arange(patch - 1, -1, -1, device="cpu"), torch.tensor([k - 3, k - 1, k - 2], device="cpu")])
 
     def _index_maps(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n != self.max_tokens:
@@ -160,7 +161,7 @@ class CausalLayout(RelativeLayout):
 
     @property
     def mirror(self) -> torch.Tensor:
-        return torch.arange(self.context_length - 1, -1, -1)
+        return torch.arange(self.context_length - 1, -1, -1, device="cpu")
 
     def _index_maps(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(n)

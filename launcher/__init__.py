@@ -1,0 +1,1 @@
+"""The ``translution`` command: everything before the first training process starts."""

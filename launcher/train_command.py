@@ -1,0 +1,27 @@
+"""``translution train CONFIG [key=value …]``: the per-process training entry point.
+
+torchrun, the deepspeed launcher or Kubernetes start this in every process; run directly,
+it trains in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from translution_dist.config import load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a model (one process of a run)",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from translution_dist.train.run import train
+
+    train(cfg)
+    return 0

@@ -1,0 +1,338 @@
+"""Official weights import: our models after ``load_official`` compute the official function.
+
+The official repository is not a dependency, so this file holds an independent forward pass
+written from the official formulas: official parameter names and shapes, the official index
+maps built by loops, per-pair projections by the official broadcasting
+``x[b, 1, n, 1, C] @ W[index_map][1, n, n, C, C']`` and the official head rearranges (the
+bank on the query token is transposed, the others are not). Everything runs in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from translution_dist.models import ModelConfig, build_model
+from translution_dist.models.official import (
+    OfficialWeightsError,
+    from_official,
+    load_official,
+    read_official_checkpoint,
+    to_official,
+)
+
+DIM, HEADS, DIM_HEAD, DEPTH, MLP, RANK = 16, 2, 4, 2, 24, 2
+INNER, LOW = HEADS * DIM_HEAD, HEADS * RANK
+GRID, PATCH, CHANNELS, CLASSES = 3, 2, 3, 5
+CONTEXT, VOCAB = 8, 11
+
+
+def vit_config(attention: str, **extra) -> ModelConfig:
+    return ModelConfig(arch="vit", attention=attention, dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD,
+                       mlp_dim=MLP, alpha_rank=RANK, image_size=GRID * PATCH, patch_size=PATCH,
+                       channels=CHANNELS, num_classes=CLASSES, **extra)
+
+
+def gpt_config(attention: str, **extra) -> ModelConfig:
+    return ModelConfig(arch="gpt", attention=attention, dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD,
+                       mlp_dim=MLP, alpha_rank=RANK, context_length=CONTEXT, vocab_size=VOCAB, **extra)
+
+
+# ---- official index maps (SharedParameterRelCls; CausalSharedParameter / …2) ----
+
+def grid_index_map(h: int, w: int) -> Tensor:
+    patch = (2 * h - 1) * (2 * w - 1)
+    rows = [[patch] + [patch + 1] * (h * w)]
+    for x in range(h):
+        for y in range(w):
+            row = [patch + 2]
+            for i in range(h):
+                for j in range(w):
+                    row.append((x - i + h - 1) * (2 * w - 1) + (y - j + w - 1))
+            rows.append(row)
+    return torch.tensor(rows)
+
+
+def causal_index_maps(t: int) -> tuple[Tensor, Tensor]:
+    """(CausalSharedParameter: max(0, i−j), CausalSharedParameter2: min(0, i−j) + t − 1)."""
+    first = torch.tensor([[max(0, i - j) for j in range(t)] for i in range(t)])
+    second = torch.tensor([[min(0, i - j) + t - 1 for j in range(t)] for i in range(t)])
+    return first, second
+
+
+# ---- a random official state dict, named and shaped as the official modules are ----
+
+def official_state_dict(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 0.3) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    def linear(name: str, fan_in: int, fan_out: int, bias: bool = True) -> None:
+        sd[f"{name}.weight"] = rnd(fan_out, fan_in, scale=fan_in ** -0.5)
+        if bias:
+            sd[f"{name}.bias"] = rnd(fan_out, scale=0.1)
+
+    def norm(name: str, width: int) -> None:
+        sd[f"{name}.weight"] = 1 + rnd(width, scale=0.1)
+        sd[f"{name}.bias"] = rnd(width, scale=0.1)
+
+    sd: dict[str, Tensor] = {}
+    k = (2 * GRID - 1) ** 2 + 3 if cfg.arch == "vit" else CONTEXT
+    root = "transformer" if cfg.attention == "self_attention" else "translution"
+    for i in range(DEPTH):
+        a = f"{root}.layers.{i}.0"
+        norm(f"{a}.norm", DIM)
+        linear(f"{a}.to_out.0", INNER, DIM)
+        if cfg.attention in ("self_attention", "alpha"):
+            linear(f"{a}.to_qkv", DIM, 3 * INNER, bias=False)
+        if cfg.attention == "alpha":
+            for side in "qkv":
+                linear(f"{a}.to_{side}1", DIM, LOW, bias=False)
+                sd[f"{a}.to_{side}2.unique_params"] = rnd(k, LOW, LOW, scale=0.6)
+            linear(f"{a}.to_v3", LOW, INNER, bias=False)
+        if cfg.attention == "translution":
+            for side in "qkv":
+                if side in cfg.relative:
+                    sd[f"{a}.to_{side}.unique_params"] = rnd(k, DIM, INNER, scale=0.4)
+            plain = "".join(side for side in "qkv" if side not in cfg.relative)
+            if plain:
+                linear(f"{a}.to_{plain}", DIM, len(plain) * INNER, bias=False)
+        if cfg.arch == "gpt":
+            sd[f"{a}.causal"] = torch.tril(torch.ones(CONTEXT, CONTEXT)).view(1, 1, CONTEXT, CONTEXT)
+        f = f"{root}.layers.{i}.1.net"
+        norm(f"{f}.0", DIM)
+        linear(f"{f}.1", DIM, MLP)
+        linear(f"{f}.4", MLP, DIM)
+    norm(f"{root}.norm", DIM)
+    if cfg.arch == "vit":
+        patch_dim = PATCH * PATCH * CHANNELS
+        norm("to_patch_embedding.1", patch_dim)
+        linear("to_patch_embedding.2", patch_dim, DIM)
+        norm("to_patch_embedding.3", DIM)
+        sd["cls_token"] = rnd(1, 1, DIM, scale=1.0)
+        if cfg.resolved_position == "learned":
+            sd["pos_embedding"] = rnd(1, GRID * GRID + 1, DIM, scale=1.0)
+        linear("mlp_head", DIM, CLASSES)
+    else:
+        sd["wte.weight"] = rnd(VOCAB, DIM, scale=1.0)
+        if cfg.resolved_position == "learned":
+            sd["wpe.weight"] = rnd(CONTEXT, DIM, scale=1.0)
+        norm("norm", DIM)
+        linear("output_head", DIM, VOCAB, bias=False)
+    return sd
+
+
+# ---- the official forward ----
+
+def per_pair(x: Tensor, bank: Tensor, index_map: Tensor, on_query_token: bool) -> Tensor:
+    """``[b, h, n, n, d]``: official ``(x.unsqueeze(1).unsqueeze(3) @ W[index_map]).squeeze(3)`` and rearrange."""
+    projected = torch.matmul(x.unsqueeze(1).unsqueeze(3), bank[index_map].unsqueeze(0)).squeeze(3)
+    b, n, m, _ = projected.shape
+    split = projected.view(b, n, m, HEADS, -1)
+    return split.permute(0, 3, 2, 1, 4) if on_query_token else split.permute(0, 3, 1, 2, 4)
+
+
+def heads_of(t: Tensor) -> Tensor:
+    b, n, _ = t.shape
+    return t.view(b, n, HEADS, -1).transpose(1, 2)
+
+
+def merge(t: Tensor) -> Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def linear(p: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+    return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+
+
+def layer_norm(p: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], p[f"{name}.weight"], p[f"{name}.bias"])
+
+
+def attend(dots: Tensor, causal: bool) -> Tensor:
+    if causal:
+        n = dots.shape[-1]
+        dots = dots.masked_fill(torch.tril(torch.ones(n, n)) == 0, float("-inf"))
+    return dots.softmax(dim=-1)
+
+
+def official_attention(p, a: str, x: Tensor, cfg: ModelConfig, maps: dict[str, Tensor],
+                       query_projection: str) -> Tensor:
+    scale = DIM_HEAD ** -0.5
+    causal = cfg.arch == "gpt"
+    query_name = query_projection[-1]
+    key_name = "q" if query_name == "k" else "k"
+    x = layer_norm(p, f"{a}.norm", x)
+    if cfg.attention == "self_attention":
+        q, k, v = (heads_of(t) for t in linear(p, f"{a}.to_qkv", x).chunk(3, dim=-1))
+        attn = attend(q @ k.transpose(-1, -2) * scale, causal)
+        return linear(p, f"{a}.to_out.0", merge(attn @ v))
+    if cfg.attention == "alpha":
+        q1, k1, v1 = (heads_of(t) for t in linear(p, f"{a}.to_qkv", x).chunk(3, dim=-1))
+        q2 = per_pair(linear(p, f"{a}.to_{query_name}1", x), p[f"{a}.to_{query_name}2.unique_params"],
+                      maps["query"], on_query_token=True)
+        k2 = per_pair(linear(p, f"{a}.to_{key_name}1", x), p[f"{a}.to_{key_name}2.unique_params"],
+                      maps["key"], on_query_token=False)
+        v2 = per_pair(linear(p, f"{a}.to_v1", x), p[f"{a}.to_v2.unique_params"], maps["key"], on_query_token=False)
+        attn = attend((q1 @ k1.transpose(-1, -2) + (q2 * k2).sum(-1)) / 2 * scale, causal)
+        out2 = linear(p, f"{a}.to_v3", merge((attn.unsqueeze(-1) * v2).sum(3)))
+        return linear(p, f"{a}.to_out.0", (merge(attn @ v1) + out2) / 2)
+    # Translution: a bank per relative side; plain sides broadcast over the other token.
+    plain = "".join(side for side in "qkv" if side not in cfg.relative)
+    plain_out = dict(zip(plain, linear(p, f"{a}.to_{plain}", x).chunk(len(plain), dim=-1))) if plain else {}
+    names = {"q": query_name, "k": key_name, "v": "v"}
+    pair = {}
+    for side in "qkv":
+        if side in plain_out:
+            t = heads_of(plain_out[side])
+            pair[side] = t.unsqueeze(3) if side == "q" else t.unsqueeze(2)
+        else:
+            pair[side] = per_pair(x, p[f"{a}.to_{names[side]}.unique_params"],
+                                  maps["query" if side == "q" else "key"], on_query_token=side == "q")
+    attn = attend((pair["q"] * pair["k"]).sum(-1) * scale, causal)
+    return linear(p, f"{a}.to_out.0", merge((attn.unsqueeze(-1) * pair["v"]).sum(3)))
+
+
+def official_encoder(p, x: Tensor, cfg: ModelConfig, maps, query_projection: str) -> Tensor:
+    root = "transformer" if cfg.attention == "self_attention" else "translution"
+    for i in range(DEPTH):
+        x = official_attention(p, f"{root}.layers.{i}.0", x, cfg, maps, query_projection) + x
+        f = f"{root}.layers.{i}.1.net"
+        x = linear(p, f"{f}.4", F.gelu(linear(p, f"{f}.1", layer_norm(p, f"{f}.0", x)))) + x
+    return layer_norm(p, f"{root}.norm", x)
+
+
+def official_vit(p, images: Tensor, cfg: ModelConfig, query_projection: str) -> Tensor:
+    patches = []
+    for row in range(GRID):
+        for col in range(GRID):
+            patch = images[:, :, row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH]
+            patches.append(patch.permute(0, 2, 3, 1).reshape(images.shape[0], -1))  # (p1 p2 c)
+    x = layer_norm(p, "to_patch_embedding.3", linear(p, "to_patch_embedding.2",
+                                                      layer_norm(p, "to_patch_embedding.1", torch.stack(patches, 1))))
+    x = torch.cat([p["cls_token"].expand(x.shape[0], -1, -1), x], dim=1)
+    if "pos_embedding" in p:
+        x = x + p["pos_embedding"]
+    index_map = grid_index_map(GRID, GRID)
+    x = official_encoder(p, x, cfg, {"key": index_map, "query": index_map}, query_projection)
+    return linear(p, "mlp_head", x[:, 0])
+
+
+def official_gpt(p, tokens: Tensor, cfg: ModelConfig, query_projection: str) -> Tensor:
+    n = tokens.shape[1]
+    x = p["wte.weight"][tokens]
+    if "wpe.weight" in p:
+        x = x + p["wpe.weight"][:n]
+    first, second = causal_index_maps(CONTEXT)  # the official maps, cut to the sequence
+    maps = {"key": first[:n, :n], "query": second[:n, :n]}
+    x = official_encoder(p, x, cfg, maps, query_projection)
+    return linear(p, "output_head", layer_norm(p, "norm", x))
+
+
+def imported(cfg: ModelConfig, official: dict[str, Tensor], query_projection: str) -> torch.nn.Module:
+    model = build_model(cfg).double()
+    load_official(model, official, query_projection=query_projection)
+    return model
+
+
+RELATIVE = [pytest.param(attention, qp, id=f"{attention}-{qp}")
+            for attention in ("translution", "alpha") for qp in ("to_k", "to_q")]
+
+
+@pytest.mark.parametrize("attention,query_projection", [*RELATIVE, pytest.param("self_attention", "to_k")])
+@pytest.mark.parametrize("bank_chunks", [1, 3])
+def test_vit_import_matches_official_forward(attention, query_projection, bank_chunks):
+    extra = {} if attention == "self_attention" else {"bank_chunks": bank_chunks}
+    cfg = vit_config(attention, **extra)
+    official = official_state_dict(cfg)
+    images = torch.randn(2, CHANNELS, GRID * PATCH, GRID * PATCH, dtype=torch.float64)
+    expected = official_vit(official, images, cfg, query_projection)
+    torch.testing.assert_close(imported(cfg, official, query_projection)(images), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention,query_projection", [*RELATIVE, pytest.param("self_attention", "to_k")])
+@pytest.mark.parametrize("n", [CONTEXT, 5])
+def test_gpt_import_matches_official_forward(attention, query_projection, n):
+    extra = {} if attention == "self_attention" else {"bank_chunks": 3}
+    cfg = gpt_config(attention, **extra)
+    official = official_state_dict(cfg)
+    tokens = torch.randint(0, VOCAB, (2, n))
+    expected = official_gpt(official, tokens, cfg, query_projection)
+    torch.testing.assert_close(imported(cfg, official, query_projection)(tokens), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("relative", ["qk", "kv", "v", "q"])
+def test_gpt_translution_subsets_import(relative):
+    cfg = gpt_config("translution", relative=relative)
+    official = official_state_dict(cfg)
+    tokens = torch.randint(0, VOCAB, (2, CONTEXT))
+    expected = official_gpt(official, tokens, cfg, "to_q")
+    torch.testing.assert_close(imported(cfg, official, "to_q")(tokens), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["translution", "alpha"])
+@pytest.mark.parametrize("arch", ["vit", "gpt"])
+def test_query_projection_direction_matters(arch, attention):
+    """Reading the weights with the other convention gives another function: the test above is not vacuous."""
+    cfg = vit_config(attention) if arch == "vit" else gpt_config(attention)
+    official = official_state_dict(cfg)
+    x = (torch.randn(2, CHANNELS, GRID * PATCH, GRID * PATCH, dtype=torch.float64) if arch == "vit"
+         else torch.randint(0, VOCAB, (2, CONTEXT)))
+    right, wrong = imported(cfg, official, "to_k")(x), imported(cfg, official, "to_q")(x)
+    assert not torch.allclose(right, wrong, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", [vit_config("translution", bank_chunks=4), vit_config("alpha", bank_chunks=2),
+                                 vit_config("self_attention"), gpt_config("translution", bank_chunks=3),
+                                 gpt_config("alpha"), gpt_config("translution", relative="kv")],
+                         ids=["vit-translution", "vit-alpha", "vit-sa", "gpt-translution", "gpt-alpha", "gpt-kv"])
+def test_round_trip(cfg):
+    official = official_state_dict(cfg)
+    back = to_official(from_official(official, cfg, query_projection="to_q"), cfg, query_projection="to_q")
+    assert back.keys() == official.keys()
+    for key in official:
+        assert torch.equal(back[key].to(official[key].dtype), official[key]), key
+    swapped = "to_k" if cfg.relative == "qkv" else "to_q"  # the to_k files have no subsets
+    ours = build_model(cfg).state_dict()
+    again = from_official(to_official(ours, cfg, query_projection=swapped), cfg, query_projection=swapped)
+    assert again.keys() == ours.keys() and all(torch.equal(again[key], ours[key]) for key in ours)
+
+
+def test_causal_buffers_are_optional_on_import():
+    cfg = gpt_config("translution")
+    official = {k: v for k, v in official_state_dict(cfg).items() if not k.endswith(".causal")}
+    assert from_official(official, cfg, query_projection="to_q").keys() == build_model(cfg).state_dict().keys()
+
+
+def test_unknown_missing_and_misshaped_keys_are_listed():
+    cfg = vit_config("translution")
+    official = official_state_dict(cfg)
+    del official["translution.layers.1.0.to_v.unique_params"]
+    official["pos_embedding"] = torch.zeros(1, GRID * GRID + 1, DIM)
+    official["mlp_head.weight"] = torch.zeros(CLASSES + 1, DIM)
+    with pytest.raises(OfficialWeightsError) as err:
+        from_official(official, cfg, query_projection="to_k")
+    message = str(err.value)
+    assert "missing keys (1)" in message and "translution.layers.1.0.to_v.unique_params" in message
+    assert "unexpected keys (1)" in message and "pos_embedding" in message
+    assert "mlp_head.weight: expected [5, 16], got [6, 16]" in message
+
+
+def test_configs_without_an_official_counterpart_are_refused():
+    with pytest.raises(OfficialWeightsError, match="position=rope"):
+        from_official({}, vit_config("self_attention", position="rope"), query_projection="to_q")
+    with pytest.raises(OfficialWeightsError, match="query_projection='to_q'"):
+        from_official({}, gpt_config("translution", relative="kv"), query_projection="to_k")
+
+
+def test_read_official_checkpoint_unwraps_training_checkpoints(tmp_path):
+    weights = {"module.cls_token": torch.ones(1, 1, 4), "module.mlp_head.weight": torch.zeros(2, 4)}
+    torch.save({"epoch": 3, "arch": "lution_vit_tiny", "state_dict": weights}, tmp_path / "checkpoint.pth.tar")
+    loaded = read_official_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert sorted(loaded) == ["cls_token", "mlp_head.weight"]
+    torch.save({"cls_token": torch.ones(1)}, tmp_path / "bare.pth")
+    assert list(read_official_checkpoint(tmp_path / "bare.pth")) == ["cls_token"]

@@ -1,0 +1,198 @@
+"""The run configuration: one schema for ``train``, ``plan``, ``launch`` and ``k8s render``.
+
+A config is a YAML file with one section per concern. A section may be given inline or as
+the path of a YAML file holding just that section (``model: configs/models/mnist_vit_alpha.yaml``),
+so that a run picks one file per thing. Dotted command-line overrides (``train.steps=50``)
+are applied last; every value is validated before any process starts, and errors name
+the key and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from parallelism.config import ParallelConfig
+from translution_dist.data.config import DataConfig
+from translution_dist.models.config import ModelConfig
+
+INCLUDABLE_SECTIONS = ("model", "data", "parallel", "train", "optim", "tracking", "cluster")
+
+
+class ConfigError(ValueError):
+    """A config or override that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("translution", description="Run name: the run directory and the MLflow run name.")
+    output_dir: Path = Field(Path("runs"), description="Parent of run directories (checkpoints, logs, resolved config).")
+    seed: int = Field(0, description="Seed of weights, data order and dropout.")
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    min_lr: float = Field(1e-5, ge=0, description="Learning rate at the end of the cosine decay.")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value; null: no clipping.")
+
+
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1, description="Optimizer steps of the whole run.")
+    micro_batch_size: int = Field(32, ge=1, description="Samples per data-parallel rank per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype where the device supports it.")
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="Evaluate every this many steps and at the end; 0: only at the end.")
+    eval_batches: int = Field(10, ge=0, description="Batches per evaluation per data-parallel rank; 0: no evaluation.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every this many steps (and at the end); 0: only at the end.")
+    keep_checkpoints: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    async_checkpoint: bool = Field(False, description="Write checkpoints in the background (torch.distributed.checkpoint.async_save).")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint of the run directory.")
+    nonfinite_loss: Literal["skip", "stop"] = Field("stop", description="What a NaN/inf loss does: skip the step or stop the run.")
+    collective_timeout_s: int = Field(600, ge=1, description="A collective that takes longer fails the job, naming the rank.")
+
+
+class TrackingSection(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.")
+    experiment: str = "translution"
+    log_model: bool = Field(True, description="Log the final consolidated model (safetensors) as an artifact.")
+    register_model: str | None = Field(None, description="Register the final model under this name.")
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics (needs psutil).")
+
+
+class ClusterSection(_Section):
+    """Where a run goes; used by ``plan``, ``launch`` and ``k8s render``."""
+
+    nodes: int = Field(1, ge=1)
+    procs_per_node: int | None = Field(None, ge=1, description="Processes per node; default: GPUs per node, else 1.")
+    gpu_memory: str | None = Field(None, description="Memory per GPU for planning, e.g. 80GiB.")
+    cpu_memory: str | None = Field(None, description="Host memory per node for planning, e.g. 1TiB.")
+    nvme: str | None = Field(None, description="NVMe space per node for ZeRO-Infinity offload, e.g. 6TiB.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Launcher- or scheduler-specific settings.")
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Config:
+        if self.optim.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.steps ({self.train.steps}); "
+                "lower the warm-up or train longer")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.output_dir / self.run.name
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot read {path} ({err.strerror}); check the path") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {err}") from err
+
+
+def _resolve_includes(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    for section in INCLUDABLE_SECTIONS:
+        value = raw.get(section)
+        if isinstance(value, str):
+            path = Path(value) if Path(value).is_absolute() else base / value
+            if not path.exists() and Path(value).exists():
+                path = Path(value)
+            raw[section] = _read_yaml(path, f"section '{section}'")
+            if not isinstance(raw[section], dict):
+                raise ConfigError(f"section '{section}': {path} must hold a mapping of {section} settings")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw config mapping."""
+    key, sep, value = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{override}': expected KEY=VALUE with a dotted key, e.g. train.steps=50")
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{'.'.join(parents[:depth + 1])}' is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({err})") from err
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for issue in err.errors():
+        key = ".".join(str(p) for p in issue["loc"]) or "(top level)"
+        message = issue["msg"].removeprefix("Value error, ")
+        if issue["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against the documented fields"
+        elif issue["type"] == "missing":
+            message = "required; add it to the config or pass it as an override"
+        got = issue.get("input")
+        suffix = "" if issue["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {message}{suffix}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, include, override and validate a run config."""
+    path = Path(path)
+    raw = _read_yaml(path, "config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping with sections such as model, data, train")
+    raw = _resolve_includes(raw, path.parent)
+    for override in overrides:
+        apply_override(raw, override)
+    raw = _resolve_includes(raw, Path.cwd())
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from err
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what the run used, includes expanded)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"train.steps": 100, …}``: the resolved config as flat parameters (for MLflow)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            flat[prefix] = value
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

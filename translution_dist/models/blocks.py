@@ -1,0 +1,80 @@
+"""The encoder shared by the ViT and the GPT: pre-norm blocks and a final LayerNorm.
+
+Layout of the official ``TNN``/``Transformer`` encoder: each block adds an attention
+branch and then a feed-forward branch to the residual stream, each branch normalising
+its own input; the encoder ends with a LayerNorm.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from translution_dist.models.attention import AlphaTranslutionAttention, SelfAttention, TranslutionAttention
+from translution_dist.models.config import ModelConfig
+from translution_dist.ops import RelativeLayout
+
+
+class FeedForward(nn.Module):
+    """LayerNorm → Linear(C, mlp) → GELU → Linear(mlp, C), the branch's own pre-norm included."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.down_proj = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.up_proj(self.norm(x))))
+
+
+class Block(nn.Module):
+    """``x + attn(x)``, then ``+ ff(·)``; both branches are pre-norm."""
+
+    def __init__(self, attn: nn.Module, dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.attn = attn
+        self.ff = FeedForward(dim, mlp_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(x)
+        return x + self.ff(x)
+
+
+def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool) -> nn.Module:
+    """The attention layer ``cfg`` asks for (``causal`` only matters to self-attention)."""
+    d = cfg.dims
+    if cfg.attention == "translution":
+        return TranslutionAttention(layout, d.dim, d.heads, d.dim_head, cfg.relative, cfg.bank_chunks)
+    if cfg.attention == "alpha":
+        return AlphaTranslutionAttention(layout, d.dim, d.heads, d.dim_head, cfg.alpha_rank, cfg.bank_chunks)
+    position = cfg.resolved_position
+    return SelfAttention(layout, d.dim, d.heads, d.dim_head, "none" if position == "learned" else position, causal)
+
+
+class Encoder(nn.Module):
+    """``depth`` blocks and the final LayerNorm (the official ``translution``/``transformer`` module)."""
+
+    def __init__(self, cfg: ModelConfig, layout: RelativeLayout, causal: bool) -> None:
+        super().__init__()
+        d = cfg.dims
+        self.blocks = nn.ModuleList(
+            Block(make_attention(cfg, layout, causal), d.dim, d.mlp_dim) for _ in range(d.depth))
+        self.norm = nn.LayerNorm(d.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def reset_submodules(model: nn.Module) -> None:
+    """Re-initialise every submodule's parameters and computed buffers as at construction.
+
+    Linear, LayerNorm, Embedding, banks and self-attention (its relative-bias table and
+    rotary frequencies) use their own ``reset_parameters``; PyTorch's defaults are what the
+    official code keeps.
+    """
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()

@@ -1,0 +1,178 @@
+"""Training engines: one interface over PyTorch (plain/FSDP2/TP/displacement-parallel) and DeepSpeed.
+
+The trainer asks an engine for a model step, a checkpoint write and a checkpoint read; how
+parameters are sharded, reduced and stored is the engine's business.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from translution_dist.config import Config
+from translution_dist.train.grad_norm import clip_grad_norm
+from translution_dist.train.schedule import warmup_cosine
+from translution_dist.train.tasks import StepOutput
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: global rank/size, device, mesh, and its data-parallel coordinates."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: Any  # DeviceMesh or None for a single process
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    samples: int
+    tokens: int
+    skipped: bool
+    nonfinite: str | None  # what was not finite, for the message
+
+
+class Engine(Protocol):
+    model: nn.Module
+
+    def train_step(self, micro_batches: list, step_fn) -> StepResult: ...
+    def save_state(self, path: Path, asynchronous: bool) -> Future | None: ...
+    def load_state(self, path: Path) -> None: ...
+    def full_model_state(self) -> dict[str, torch.Tensor] | None: ...
+    def lr(self) -> float: ...
+
+
+def autocast_context(precision: str, device: torch.device):
+    """Autocast to bf16/fp16 where the device supports it; fp32 runs as is."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype is torch.float16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean over every rank (gloo has no AVG, so SUM and divide)."""
+    if ctx.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= ctx.world_size
+    return value
+
+
+def _nonfinite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
+    bad = []
+    for name, p in model.named_parameters():
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        if not torch.isfinite(local).all():
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+class TorchEngine:
+    """A model built on meta, sharded by ``parallelism.parallelize``, trained with AdamW; DCP checkpoints."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model = model
+        optim = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=optim.lr, betas=optim.betas, eps=optim.eps,
+            weight_decay=optim.weight_decay, foreach=ctx.world_size > 1 or None)
+        self.scheduler = warmup_cosine(self.optimizer, lr=optim.lr, min_lr=optim.min_lr,
+                                       warmup_steps=optim.warmup_steps, total_steps=cfg.train.steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16"
+                                           and ctx.device.type == "cuda")
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _sync_gradients(self, enabled: bool) -> None:
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: skip reductions while accumulating
+            self.model.set_requires_gradient_sync(enabled)
+
+    def train_step(self, micro_batches: list, step_fn) -> StepResult:
+        self.model.train()
+        total_loss = torch.zeros((), device=self.ctx.device)
+        samples = tokens = 0
+        for i, batch in enumerate(micro_batches):
+            self._sync_gradients(i == len(micro_batches) - 1)
+            with autocast_context(self.cfg.train.precision, self.ctx.device):
+                out: StepOutput = step_fn(self.model, batch)
+            self.scaler.scale(out.loss / len(micro_batches)).backward()
+            total_loss += out.loss.detach().float()
+            samples, tokens = samples + out.samples, tokens + out.tokens
+        loss = all_reduce_mean(total_loss / len(micro_batches), self.ctx)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        nonfinite = None
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            names = _nonfinite_parameters(self.model)
+            nonfinite = f"loss={loss.item():g}, grad_norm={grad_norm.item():g}" + (
+                f", non-finite gradients in {', '.join(names)}" if names else "")
+        skipped = nonfinite is not None
+        if not skipped:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.item(), grad_norm.item(), samples, tokens, skipped, nonfinite)
+
+    def _state(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def save_state(self, path: Path, asynchronous: bool) -> Future | None:
+        state = self._state()
+        if asynchronous and dist.is_initialized():
+            return dcp.async_save(state, checkpoint_id=str(path / "dcp"))
+        dcp.save(state, checkpoint_id=str(path / "dcp"))
+        return None
+
+    def load_state(self, path: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def scheduler_state(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def full_model_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model on rank 0's CPU (collective: every rank must call it)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.ctx.is_main else None

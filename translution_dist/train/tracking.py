@@ -1,0 +1,141 @@
+"""MLflow tracking from rank 0, resilient to a tracking server that goes away.
+
+Every call is queued and sent in order; when the server does not answer, the queue is
+kept (bounded) and retried at the next call, so a server restarted mid-run receives the
+metrics it missed, and training never stops for tracking. What could not be delivered by
+the end is reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_CALLS = 100_000
+RETRY_INTERVAL_S = 10.0
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    """``$MLFLOW_TRACKING_URI``, else an embedded SQLite store beside the runs."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Logs one run. Use :meth:`start` once, then the ``log_*`` methods, then :meth:`finish`."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self._queue: deque[tuple[str, Callable[[], Any]]] = deque()
+        self._dropped = 0
+        self._next_retry = 0.0
+        self._warned = False
+        self._system_monitor = None
+
+    def start(self, run_name: str, tags: dict[str, str], resume_run_id: str | None = None,
+              system_metrics: bool = False) -> str:
+        """Create the run (or reopen ``resume_run_id``); needs the server up, so it fails loudly."""
+        if resume_run_id is not None:
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+        else:
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        if system_metrics:
+            self._start_system_metrics()
+        return self.run_id
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+            self._system_monitor.start()
+        except Exception as err:  # psutil missing, or the API moved: tracking goes on without them
+            log.warning("system metrics are not logged: %s", err)
+
+    # -- queued calls --------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+        if len(self._queue) >= MAX_QUEUED_CALLS:
+            self._queue.popleft()
+            self._dropped += 1
+        self._queue.append((what, fn))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is queued; ``False`` if the server is still unreachable."""
+        if not force and time.monotonic() < self._next_retry:
+            return False
+        while self._queue:
+            what, fn = self._queue[0]
+            try:
+                fn()
+            except Exception as err:
+                self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+                if not self._warned:
+                    log.warning("MLflow at %s unreachable (%s: %s); keeping %d queued call(s) and retrying",
+                                self.uri, what, err, len(self._queue))
+                    self._warned = True
+                return False
+            self._queue.popleft()
+        if self._warned:
+            log.warning("MLflow at %s reachable again; queued calls delivered", self.uri)
+            self._warned = False
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            batch = items[start:start + 100]
+            self._call("log_params", lambda batch=batch: self.client.log_batch(self.run_id, params=batch))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._call("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self._call("set_tag", lambda k=key, v=value: self.client.set_tag(self.run_id, k, v))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def register_model(self, artifact_path: str, name: str) -> None:
+        self._call("register_model",
+                   lambda: self.mlflow.register_model(f"runs:/{self.run_id}/{artifact_path}", name))
+
+    def finish(self, status: str = "FINISHED", wait_s: float = 30.0) -> int:
+        """End the run; returns how many calls could not be delivered (and says so)."""
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+        self._call("set_terminated", lambda: self.client.set_terminated(self.run_id, status))
+        deadline = time.monotonic() + wait_s
+        while not self.flush(force=True) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        lost = len(self._queue) + self._dropped
+        if lost:
+            log.error("MLflow at %s: %d tracking call(s) could not be delivered for run %s", self.uri, lost, self.run_id)
+        return lost

@@ -1,0 +1,259 @@
+"""The training loop: step → metrics → MLflow (rank 0) → checkpoint every k steps.
+
+``train(cfg)`` runs in every process that torchrun (or the deepspeed launcher, or a plain
+``python``) starts. It builds the model on the meta device, lets ``parallelism`` shard and
+materialize it, resumes from the newest good checkpoint of the run directory, and trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from translution_dist.config import Config, dump_config, flatten
+from translution_dist.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from translution_dist.train.engine import DistContext, Engine, StepResult
+from translution_dist.train.plots import plot_history
+from translution_dist.train.tasks import task_for
+from translution_dist.train.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("translution.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradients became NaN/inf and the config says to stop."""
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    final_loss: float
+    eval_metrics: dict[str, float]
+    run_dir: Path
+    mlflow_run_id: str | None
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _max_over_ranks(value: float, ctx: DistContext) -> float:
+    if ctx.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext, engine: Engine, loaders: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.engine = engine
+        self.train_loader, self.train_state = loaders["train"]
+        self.eval_loader = loaders.get("eval")
+        self.task = task_for(cfg.model.arch)
+        self.run_dir = cfg.run_dir
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                             ctx.rank, ctx.world_size)
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.tracker: Tracker | None = None
+        self.step = 0
+
+    # -- set-up --------------------------------------------------------------------
+
+    def _layout_tag(self) -> str:
+        p = self.cfg.parallel
+        return (f"{p.engine}:dp_replicate={p.dp_replicate},dp_shard={p.dp_shard},tp={p.tp},dispp={p.dispp}"
+                f",bank_chunks={self.cfg.model.bank_chunks}")
+
+    def _start_tracking(self, resume_run_id: str | None) -> None:
+        if not (self.ctx.is_main and self.cfg.tracking.enabled):
+            return
+        uri = self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir)
+        self.tracker = Tracker(uri, self.cfg.tracking.experiment)
+        tags = {"git_commit": _git_commit(), "layout": self._layout_tag(), "world_size": str(self.ctx.world_size),
+                "device": self.ctx.device.type, "topology": os.environ.get("TRANSLUTION_TOPOLOGY", "local")}
+        run_id = self.tracker.start(self.cfg.run.name, tags, resume_run_id, self.cfg.tracking.system_metrics)
+        (self.run_dir / "mlflow_run_id").write_text(run_id)
+        if resume_run_id is None:
+            self.tracker.log_params(flatten(self.cfg))
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        log.info("MLflow run %s at %s", run_id, uri)
+
+    def _resume(self) -> str | None:
+        """Restore the newest good checkpoint; returns the MLflow run to continue, if any."""
+        if self.cfg.train.resume == "never":
+            return None
+        path = self.checkpoints.latest_good()
+        if path is None:
+            return None
+        restored = self.checkpoints.load(path, self.engine.load_state)
+        self.step = restored.step
+        self.engine.load_scheduler_state(restored.meta["scheduler"])
+        if restored.rank_state is not None:
+            set_rng_state(restored.rank_state["rng"])
+            self.train_state.load_state_dict(restored.rank_state["data"])
+        else:
+            log.warning("checkpoint %s was written at world size %s; resharded to %s, data order restarts "
+                        "from the checkpoint's step with fresh per-rank streams",
+                        path, restored.meta.get("world_size"), self.ctx.world_size)
+            self.train_state.skip_to_step(restored.step)
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        run_id_file = self.run_dir / "mlflow_run_id"
+        return run_id_file.read_text().strip() if run_id_file.exists() else None
+
+    # -- checkpoints, evaluation, logging ------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        meta = {"scheduler": self.engine.scheduler_state(), "layout": self._layout_tag(),
+                "config": json.loads(json.dumps(self.cfg.model_dump(mode="json")))}
+        rank_state = {"rng": rng_state(), "data": self.train_state.state_dict()}
+        try:
+            self.checkpoints.save(self.step, lambda d: self.engine.save_state(d, self.cfg.train.async_checkpoint),
+                                  rank_state, meta)
+        except CheckpointError as err:
+            log.error("%s", err)
+            raise
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_loader is None or self.cfg.train.eval_batches == 0:
+            return {}
+        self.engine.model.eval()
+        sums: dict[str, float] = defaultdict(float)
+        for i, batch in enumerate(self.eval_loader):
+            if i == self.cfg.train.eval_batches:
+                break
+            batch = tuple(t.to(self.ctx.device) for t in batch)
+            for key, value in self.task.eval_sums(self.engine.model, batch).items():
+                sums[key] += value
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(totals)
+        return self.task.summarize(dict(zip(keys, totals.tolist())))
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.history[key].append((self.step, value))
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, self.step)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _micro_batches(self, batches) -> list:
+        return [tuple(t.to(self.ctx.device, non_blocking=True) for t in next(batches))
+                for _ in range(self.cfg.train.grad_accum)]
+
+    def _handle_nonfinite(self, result: StepResult) -> None:
+        message = f"step {self.step + 1}: non-finite values ({result.nonfinite})"
+        if self.cfg.train.nonfinite_loss == "stop":
+            raise NonFiniteLossError(message + "; stopping as train.nonfinite_loss=stop")
+        log.warning("%s; step skipped as train.nonfinite_loss=skip", message)
+
+    def run(self) -> TrainResult:
+        resume_run_id = self._resume()
+        self._start_tracking(resume_run_id)
+        cfg = self.cfg.train
+        batches = iter(self.train_loader)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.ctx.is_main, desc="train", unit="step",
+                   dynamic_ncols=True)
+        eval_metrics: dict[str, float] = {}
+        last = StepResult(float("nan"), float("nan"), 0, 0, False, None)
+        status = "FAILED"
+        try:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                last = self.engine.train_step(self._micro_batches(batches), self.task.step)
+                if last.skipped:
+                    self._handle_nonfinite(last)
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{last.loss:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log(self._step_metrics(last, elapsed))
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                    self._log(self.evaluate())
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
+                    self.save_checkpoint()
+            eval_metrics = self.evaluate()
+            self._log(eval_metrics)
+            self.save_checkpoint()
+            self.checkpoints.wait()
+            self._finish_artifacts()
+            status = "FINISHED"
+        finally:
+            bar.close()
+            if self.tracker is not None:
+                self.tracker.finish(status)
+        return TrainResult(self.step, last.loss, eval_metrics, self.run_dir,
+                           self.tracker.run_id if self.tracker else None, dict(self.history))
+
+    def _step_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
+        dp = self.ctx.dp_size
+        metrics = {
+            "loss": result.loss,
+            "lr": self.engine.lr(),
+            "grad_norm": result.grad_norm,
+            "samples_per_s": result.samples * dp / elapsed,
+            "tokens_per_s": result.tokens * dp / elapsed,
+            "step_time_s": elapsed,
+            "peak_memory_gib_rank0": _peak_memory_bytes(self.ctx.device) / 2**30,
+        }
+        metrics["peak_memory_gib_max"] = _max_over_ranks(metrics["peak_memory_gib_rank0"], self.ctx)
+        metrics.update({f"data_{k}": float(v) for k, v in self.train_state.counters().items()})
+        return metrics
+
+    def _finish_artifacts(self) -> None:
+        """Plots and the consolidated model; gathering the model is collective."""
+        export = self.cfg.tracking.enabled and self.cfg.tracking.log_model
+        state = self.engine.full_model_state() if export else None
+        if self.tracker is None:
+            return
+        artifacts = self.run_dir / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        curves = {k: v for k, v in self.history.items() if k in ("loss", "lr", "grad_norm") or k.startswith("eval_")}
+        self.tracker.log_artifact(plot_history(curves, artifacts / "curves.png", self.cfg.run.name), "plots")
+        if state is not None:
+            from safetensors.torch import save_file
+
+            path = artifacts / "model.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            self.tracker.log_artifact(path, "model")
+            if self.cfg.tracking.register_model:
+                self.tracker.register_model("model", self.cfg.tracking.register_model)
+
+
+def write_run_dir(cfg: Config, ctx: DistContext) -> None:
+    """Create the run directory and record the resolved config (rank 0), before any state is written."""
+    if ctx.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    if ctx.world_size > 1:
+        dist.barrier()
