@@ -3,19 +3,28 @@
 The operators never gather a bank per token pair. Instead they walk the displacement axis:
 all pairs that share a key-side displacement use the same row of every bank (banks are
 stored in key-side order, see :mod:`translution_dist.ops.layouts`), so one batched matrix
-product per displacement computes their projections. Displacements are grouped into chunks of similar
-pair count (padded to the longest), which bounds the memory of one step by the chunk and
-turns the many small products into a few ``bmm`` calls.
+product per displacement computes their projections. Displacements are grouped into chunks
+(padded to their longest), which bounds the memory of one step by the chunk and turns the
+many small products into a few ``bmm`` calls.
+
+Chunks are runs of every other bank row. Layouts store heavy and light displacements
+interleaved (``RelativeLayout.storage_order``), so along each parity class of rows the pair
+count is monotone: a run then pads little, and its bank rows are a strided view of the bank
+(no copy of the weights). Where the cuts go is chosen by dynamic programming, trading padded
+pairs against a fixed cost per chunk.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from translution_dist.ops.layouts import RelativeLayout
+
+CHUNK_COST_PAIRS = 8
+"""Fixed cost of one more chunk (op launches, Python), in units of one padded pair's work."""
 
 
 @dataclass(frozen=True)
@@ -26,10 +35,11 @@ class PairChunk:
     position ``n·n`` (a scratch slot), so they contribute nothing.
     """
 
-    rows: torch.Tensor  # [D] rows of the bank (chunk) in hand, one per displacement
+    rows: torch.Tensor  # [D] rows of the bank (chunk) in hand, one per displacement, ascending
     query_tokens: torch.Tensor  # [D, P] query token i of each pair
     key_tokens: torch.Tensor  # [D, P] key token j of each pair
     flat_pairs: torch.Tensor  # [D·P] i·n + j of each pair
+    row_slice: tuple[int, int, int] | None = None  # (start, stop, step) when rows == range(start, stop, step)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -39,11 +49,16 @@ class PairChunk:
 
 @dataclass(frozen=True)
 class PairPlan:
-    """Every allowed pair of an ``n``-token sequence, for a set of key-side displacements."""
+    """Every allowed pair of an ``n``-token sequence, for a set of key-side displacements.
+
+    The range has ``num_rows`` bank rows; ``idle_rows`` are those no pair uses.
+    """
 
     num_tokens: int
     chunks: tuple[PairChunk, ...]
     num_pairs: int
+    num_rows: int
+    idle_rows: torch.Tensor
 
     def to(self, device: torch.device) -> PairPlan:
         return _plan_on_device(self, device)
@@ -54,11 +69,11 @@ def _plan_on_device(plan: PairPlan, device: torch.device) -> PairPlan:
     if device.type == "cpu":
         return plan
     moved = tuple(
-        PairChunk(*(t.to(device, non_blocking=True) for t in (
-            c.rows, c.query_tokens, c.key_tokens, c.flat_pairs)))
+        replace(c, **{name: getattr(c, name).to(device, non_blocking=True)
+                      for name in ("rows", "query_tokens", "key_tokens", "flat_pairs")})
         for c in plan.chunks
     )
-    return PairPlan(plan.num_tokens, moved, plan.num_pairs)
+    return replace(plan, chunks=moved, idle_rows=plan.idle_rows.to(device, non_blocking=True))
 
 
 def pairs_per_chunk(batch: int, bytes_per_pair_row: int, budget_bytes: int) -> int:
@@ -97,44 +112,69 @@ def _build_plan(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop
     row_of_pair = flat_row[pair_ids] - start
 
     order = torch.argsort(row_of_pair, stable=True)
-    pair_ids, row_of_pair = pair_ids[order], row_of_pair[order]
-    local_rows, counts = torch.unique_consecutive(row_of_pair, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
+    pair_ids = pair_ids[order]
+    counts = torch.bincount(row_of_pair, minlength=stop - start)
+    firsts = (torch.cumsum(counts, 0) - counts).tolist()
+    counts_list = counts.tolist()
 
-    # Largest groups first, so each chunk pads its groups to a similar length.
-    by_size = torch.argsort(counts, descending=True, stable=True).tolist()
-    chunks: list[PairChunk] = []
-    group: list[int] = []
-    for g in by_size:
-        longest = int(counts[group[0]]) if group else int(counts[g])
-        if group and (len(group) + 1) * longest > max_pairs:
-            chunks.append(_make_chunk(group, local_rows, counts, starts, pair_ids, n))
-            group = []
-        group.append(g)
-    if group:
-        chunks.append(_make_chunk(group, local_rows, counts, starts, pair_ids, n))
-    return PairPlan(num_tokens=n, chunks=tuple(chunks), num_pairs=int(pair_ids.numel()))
+    groups = []
+    for parity in (0, 1):
+        rows = [r for r in range(parity, stop - start, 2) if counts_list[r] > 0]
+        rows = _longest_first(rows, counts_list)
+        groups += _cut(rows, counts_list, max_pairs)
+    chunks = [_make_chunk(sorted(g), counts_list, firsts, pair_ids, n) for g in groups]
+    chunks.sort(key=lambda c: -c.flat_pairs.numel())  # largest first: scratch buffers are sized once
+    return PairPlan(
+        num_tokens=n,
+        chunks=tuple(chunks),
+        num_pairs=int(pair_ids.numel()),
+        num_rows=stop - start,
+        idle_rows=torch.nonzero(counts == 0).flatten(),
+    )
 
 
-def _make_chunk(
-    group: list[int],
-    local_rows: torch.Tensor,
-    counts: torch.Tensor,
-    starts: torch.Tensor,
-    pair_ids: torch.Tensor,
-    n: int,
-) -> PairChunk:
-    width = int(counts[group[0]])
-    flat = torch.full((len(group), width), n * n, dtype=torch.long)
-    for row, g in enumerate(group):
-        start, count = int(starts[g]), int(counts[g])
-        flat[row, :count] = pair_ids[start:start + count]
+def _longest_first(rows: list[int], counts: list[int]) -> list[int]:
+    """``rows`` ordered by decreasing pair count, keeping row order where the count is monotone."""
+    along = [counts[r] for r in rows]
+    if all(a >= b for a, b in zip(along, along[1:])):
+        return rows
+    if all(a <= b for a, b in zip(along, along[1:])):
+        return rows[::-1]
+    return sorted(rows, key=lambda r: -counts[r])
+
+
+def _cut(rows: list[int], counts: list[int], max_pairs: int) -> list[list[int]]:
+    """Split ``rows`` (decreasing count) into runs of least padded pairs + ``CHUNK_COST_PAIRS`` per run."""
+    m = len(rows)
+    best = [0.0] + [float("inf")] * m
+    cut_at = [0] * (m + 1)
+    for end in range(1, m + 1):
+        for begin in range(end - 1, -1, -1):
+            padded = (end - begin) * counts[rows[begin]]  # the first row of a run is its longest
+            if padded > max_pairs and end - begin > 1:
+                break
+            cost = best[begin] + CHUNK_COST_PAIRS + padded
+            if cost < best[end]:
+                best[end], cut_at[end] = cost, begin
+    runs, end = [], m
+    while end > 0:
+        runs.append(rows[cut_at[end]:end])
+        end = cut_at[end]
+    return runs[::-1]
+
+
+def _make_chunk(rows: list[int], counts: list[int], firsts: list[int], pair_ids: torch.Tensor, n: int) -> PairChunk:
+    width = max(counts[r] for r in rows)
+    flat = torch.full((len(rows), width), n * n, dtype=torch.long)
+    for slot, r in enumerate(rows):
+        flat[slot, :counts[r]] = pair_ids[firsts[r]:firsts[r] + counts[r]]
     pad = flat == n * n
-    query_tokens = torch.where(pad, n, flat // n)
-    key_tokens = torch.where(pad, n, flat % n)
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    strided = all(b - a == step for a, b in zip(rows, rows[1:]))
     return PairChunk(
-        rows=local_rows[torch.tensor(group)],
-        query_tokens=query_tokens,
-        key_tokens=key_tokens,
+        rows=torch.tensor(rows),
+        query_tokens=torch.where(pad, n, flat // n),
+        key_tokens=torch.where(pad, n, flat % n),
         flat_pairs=flat.flatten(),
+        row_slice=(rows[0], rows[-1] + 1, step) if strided else None,
     )

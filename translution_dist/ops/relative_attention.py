@@ -18,9 +18,17 @@ A side that is not relative passes ``weight=None`` and an already projected ``[B
 tensor, which the kernels gather per pair. Heads are counted from the width in hand
 (``C'_local / dim_head``), so a head-sharded bank works unchanged; a DTensor bank is used
 through its local shard.
+
+Performance notes (CPU and GPU alike): everything per pair lives in token-major or
+pair-major layouts (``[N + 1, B, C]``, ``[N·N + 1, B, h]``) so that gathers and scatters move
+whole ``B·C`` rows; per-chunk tensors are written into scratch buffers reused across the
+chunks of a pass (fresh chunk-sized allocations cost page faults on every chunk); bank rows
+are strided views where the plan allows, and bank gradients are written, not accumulated.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -41,46 +49,95 @@ def _batch_major(x_t: Tensor, n: int) -> Tensor:
     return x_t[:n].transpose(0, 1)
 
 
-class _Projection:
-    """One chunk's per-pair projection ``x_t[tokens] @ weight[rows]`` (or a plain gather)."""
-
-    def __init__(self, x_t: Tensor, weight: Tensor | None, tokens: Tensor, rows: Tensor) -> None:
-        d, p = tokens.shape
-        self.tokens, self.rows = tokens, rows
-        self.inputs = x_t[tokens].reshape(d, p * x_t.shape[1], x_t.shape[2])
-        self.matrices = None if weight is None else weight[rows].to(x_t.dtype)
-        self.outputs = self.inputs if self.matrices is None else torch.bmm(self.inputs, self.matrices)
-
-    def backward(self, grad_outputs: Tensor, grad_t: Tensor, weight_grad: Tensor | None) -> None:
-        """Scatter the gradient of :attr:`outputs` into the input (and the bank rows)."""
-        if self.matrices is None:
-            grad_inputs = grad_outputs
-        else:
-            grad_inputs = torch.bmm(grad_outputs, self.matrices.transpose(1, 2))
-            if weight_grad is not None:
-                rows_grad = torch.bmm(self.inputs.transpose(1, 2), grad_outputs)
-                weight_grad.index_add_(0, self.rows, rows_grad.to(weight_grad.dtype))
-        d, p = self.tokens.shape
-        grad_t.index_add_(0, self.tokens.flatten(), grad_inputs.reshape(d * p, *grad_t.shape[1:]))
+def _pair_major(dense: Tensor) -> Tensor:
+    """``[B, h, N, N] -> [N·N + 1, B, h]`` with a zero scratch row for padding pairs."""
+    b, h, n, _ = dense.shape
+    return torch.cat([dense.permute(2, 3, 0, 1).reshape(n * n, b, h), dense.new_zeros(1, b, h)], dim=0)
 
 
-def _pairs_of(dense: Tensor, chunk: PairChunk) -> Tensor:
-    """Gather ``[B, h, N·N + 1]`` dense values of a chunk's pairs as ``[D, P, B, h, 1]``."""
-    d, p = chunk.shape
-    b, h, _ = dense.shape
-    return dense[:, :, chunk.flat_pairs].reshape(b, h, d, p).permute(2, 3, 0, 1).unsqueeze(-1)
+def _dense(pairs_t: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`_pair_major`."""
+    b, h = pairs_t.shape[1:]
+    return pairs_t[: n * n].view(n, n, b, h).permute(2, 3, 0, 1).contiguous()
 
 
-def _scatter_pairs(dense: Tensor, chunk: PairChunk, values: Tensor) -> None:
-    """Write ``[D, P, B, h]`` pair values into ``[B, h, N·N + 1]``."""
-    d, p, b, h = values.shape
-    dense[:, :, chunk.flat_pairs] = values.permute(2, 3, 0, 1).reshape(b, h, d * p)
+class _Scratch:
+    """Named buffers reused across the chunks of one pass (plans put the largest chunk first)."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = self.like.new_empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
 
 
-def _padded_dense(x: Tensor) -> Tensor:
-    """``[B, h, N, N] -> [B, h, N·N + 1]`` with a scratch slot for padding pairs."""
-    b, h, n, _ = x.shape
-    return torch.cat([x.reshape(b, h, n * n), x.new_zeros(b, h, 1)], dim=2)
+def _bank_rows(weight: Tensor, chunk: PairChunk, scratch: _Scratch, name: str, dtype: torch.dtype) -> Tensor:
+    """``[D, C_in, C_out]`` bank rows of a chunk: a view when they are a strided range."""
+    if chunk.row_slice is not None:
+        rows = weight[slice(*chunk.row_slice)]
+    else:
+        rows = torch.index_select(weight, 0, chunk.rows, out=scratch(name, len(chunk.rows), *weight.shape[1:],
+                                                                       dtype=weight.dtype))
+    return rows.to(dtype)
+
+
+def _bank_grad(weight: Tensor | None, plan: PairPlan, needed: bool) -> Tensor | None:
+    """A bank gradient with only the rows no pair writes zeroed: the chunks write the others."""
+    if weight is None or not needed:
+        return None
+    grad = torch.empty_like(weight)
+    grad[plan.num_rows:].zero_()
+    return grad.index_fill_(0, plan.idle_rows, 0)
+
+
+def _gather(x_t: Tensor, tokens: Tensor, out: Tensor) -> Tensor:
+    """Rows ``x_t[tokens]`` of a token- or pair-major tensor, written into ``out`` (returned)."""
+    torch.index_select(x_t, 0, tokens.flatten(), out=out.view(-1, *x_t.shape[1:]))
+    return out
+
+
+def _project(x_t: Tensor, weight: Tensor | None, tokens: Tensor, chunk: PairChunk, scratch: _Scratch,
+             side: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(inputs, bank, outputs)``: ``[D, P·B, C]`` gathered inputs, bank rows and the projection."""
+    d, p = tokens.shape
+    b, c = x_t.shape[1:]
+    inputs = _gather(x_t, tokens, scratch(f"x{side}", d, p * b, c))
+    if weight is None:
+        return inputs, None, inputs
+    bank = _bank_rows(weight, chunk, scratch, f"w{side}", x_t.dtype)
+    return inputs, bank, torch.bmm(inputs, bank, out=scratch(side, d, p * b, weight.shape[-1]))
+
+
+def _project_backward(grad_outputs: Tensor, inputs: Tensor, bank: Tensor | None, tokens: Tensor,
+                      chunk: PairChunk, scratch: _Scratch, side: str, grad_t: Tensor,
+                      weight_grad: Tensor | None) -> None:
+    """Scatter-add the input gradient of a chunk's projection into ``grad_t``; write its bank rows' gradient."""
+    d, p = tokens.shape
+    if bank is None:
+        grad_inputs = grad_outputs
+    else:
+        grad_inputs = torch.bmm(grad_outputs, bank.transpose(1, 2), out=scratch(f"gx{side}", *inputs.shape))
+        if weight_grad is not None:
+            _write_rows(weight_grad, chunk, inputs.transpose(1, 2), grad_outputs, scratch)
+    grad_t.index_add_(0, tokens.flatten(), grad_inputs.view(d * p, *grad_t.shape[1:]))
+
+
+def _write_rows(weight_grad: Tensor, chunk: PairChunk, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
+    """``weight_grad[chunk.rows] = a @ b``, straight into the gradient when its rows are contiguous."""
+    contiguous = chunk.row_slice is not None and chunk.row_slice[2] == 1 and weight_grad.dtype == a.dtype
+    if contiguous:
+        torch.bmm(a, b, out=weight_grad[slice(*chunk.row_slice)])
+        return
+    rows_grad = torch.bmm(a, b, out=scratch("gw", a.shape[0], a.shape[1], b.shape[2]))
+    if chunk.row_slice is not None:
+        weight_grad[slice(*chunk.row_slice)].copy_(rows_grad)
+    else:
+        weight_grad.index_copy_(0, chunk.rows, rows_grad.to(weight_grad.dtype))
 
 
 class _PairScores(torch.autograd.Function):
@@ -88,36 +145,44 @@ class _PairScores(torch.autograd.Function):
     def forward(ctx, xq, xk, wq, wk, plan: PairPlan, dim_head: int, scale: float):
         b, n, _ = xq.shape
         heads = (xq.shape[-1] if wq is None else wq.shape[-1]) // dim_head
-        xq_t, xk_t = _token_major(xq), _token_major(xk)
-        dense = xq.new_zeros(b, heads, n * n + 1)
+        xq_t = _token_major(xq)
+        xk_t = xq_t if xk is xq else _token_major(xk)
+        scores_t = xq.new_zeros(n * n + 1, b, heads)
+        scratch = _Scratch(xq)
         for chunk in plan.chunks:
             d, p = chunk.shape
-            q = _Projection(xq_t, wq, chunk.query_tokens, chunk.rows).outputs
-            k = _Projection(xk_t, wk, chunk.key_tokens, chunk.rows).outputs
-            s = (q.view(d, p, b, heads, -1) * k.view(d, p, b, heads, -1)).sum(-1)
-            _scatter_pairs(dense, chunk, s * scale)
+            _, _, q = _project(xq_t, wq, chunk.query_tokens, chunk, scratch, "q")
+            _, _, k = _project(xk_t, wk, chunk.key_tokens, chunk, scratch, "k")
+            products = q.mul_(k).view(d * p, b, heads, -1)  # q is scratch, free to overwrite
+            scores_t.index_copy_(0, chunk.flat_pairs, torch.sum(products, -1, out=scratch("s", d * p, b, heads)))
         ctx.save_for_backward(xq, xk, wq, wk)
-        ctx.plan, ctx.heads, ctx.scale = plan, heads, scale
-        return dense[:, :, : n * n].view(b, heads, n, n)
+        ctx.plan, ctx.heads, ctx.scale, ctx.shared = plan, heads, scale, xk is xq
+        return _dense(scores_t, n).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad_scores):
         xq, xk, wq, wk = ctx.saved_tensors
-        plan, heads, scale = ctx.plan, ctx.heads, ctx.scale
+        plan, heads = ctx.plan, ctx.heads
         b, n, _ = xq.shape
-        xq_t, xk_t = _token_major(xq), _token_major(xk)
-        grad_dense = _padded_dense(grad_scores.contiguous())
-        gxq_t, gxk_t = torch.zeros_like(xq_t), torch.zeros_like(xk_t)
-        gwq = torch.zeros_like(wq) if wq is not None and ctx.needs_input_grad[2] else None
-        gwk = torch.zeros_like(wk) if wk is not None and ctx.needs_input_grad[3] else None
+        xq_t = _token_major(xq)
+        xk_t = xq_t if ctx.shared else _token_major(xk)
+        grad_t = _pair_major(grad_scores * ctx.scale)
+        gxq_t = torch.zeros_like(xq_t)
+        gxk_t = gxq_t if ctx.shared else torch.zeros_like(xk_t)
+        gwq = _bank_grad(wq, plan, ctx.needs_input_grad[2])
+        gwk = _bank_grad(wk, plan, ctx.needs_input_grad[3])
+        scratch = _Scratch(xq)
         for chunk in plan.chunks:
             d, p = chunk.shape
-            q = _Projection(xq_t, wq, chunk.query_tokens, chunk.rows)
-            k = _Projection(xk_t, wk, chunk.key_tokens, chunk.rows)
-            g = _pairs_of(grad_dense, chunk) * scale  # [D, P, B, h, 1]
-            q.backward((g * k.outputs.view(d, p, b, heads, -1)).reshape(q.outputs.shape), gxq_t, gwq)
-            k.backward((g * q.outputs.view(d, p, b, heads, -1)).reshape(k.outputs.shape), gxk_t, gwk)
-        return _batch_major(gxq_t, n), _batch_major(gxk_t, n), gwq, gwk, None, None, None
+            xi, bank_q, q = _project(xq_t, wq, chunk.query_tokens, chunk, scratch, "q")
+            xj, bank_k, k = _project(xk_t, wk, chunk.key_tokens, chunk, scratch, "k")
+            g = _gather(grad_t, chunk.flat_pairs, scratch("g", d * p, b, heads)).unsqueeze(-1)
+            grad_q = torch.mul(k.view(d * p, b, heads, -1), g, out=scratch("gq", d * p, b, heads, k.shape[-1] // heads))
+            grad_k = q.view(d * p, b, heads, -1).mul_(g)  # q is not needed any more (nor xi, if q is xi)
+            _project_backward(grad_q.view(q.shape), xi, bank_q, chunk.query_tokens, chunk, scratch, "q", gxq_t, gwq)
+            _project_backward(grad_k.view(k.shape), xj, bank_k, chunk.key_tokens, chunk, scratch, "k", gxk_t, gwk)
+        grad_xk = None if ctx.shared else _batch_major(gxk_t, n)  # a shared input gets the sum once
+        return _batch_major(gxq_t, n), grad_xk, gwq, gwk, None, None, None
 
 
 class _PairValues(torch.autograd.Function):
@@ -125,18 +190,15 @@ class _PairValues(torch.autograd.Function):
     def forward(ctx, attn, xv, wv, plan: PairPlan):
         b, heads, n, _ = attn.shape
         xv_t = _token_major(xv)
-        attn_dense = _padded_dense(attn)
-        out_t = None
+        attn_t = _pair_major(attn)
+        out_t = xv.new_zeros(n + 1, b, xv.shape[-1] if wv is None else wv.shape[-1])
+        scratch = _Scratch(xv)
         for chunk in plan.chunks:
             d, p = chunk.shape
-            v = _Projection(xv_t, wv, chunk.key_tokens, chunk.rows).outputs
-            if out_t is None:
-                out_t = xv.new_zeros(n + 1, b, v.shape[-1])
-            weighted = _pairs_of(attn_dense, chunk) * v.view(d, p, b, heads, -1)
-            out_t.index_add_(0, chunk.query_tokens.flatten(), weighted.reshape(d * p, b, -1))
-        if out_t is None:  # an empty plan (a shard that owns no pair of this sequence)
-            out_features = xv.shape[-1] if wv is None else wv.shape[-1]
-            out_t = xv.new_zeros(n + 1, b, out_features)
+            _, _, v = _project(xv_t, wv, chunk.key_tokens, chunk, scratch, "v")
+            a = _gather(attn_t, chunk.flat_pairs, scratch("a", d * p, b, heads)).unsqueeze(-1)
+            weighted = v.view(d * p, b, heads, -1).mul_(a)  # v is scratch
+            out_t.index_add_(0, chunk.query_tokens.flatten(), weighted.view(d * p, b, -1))
         ctx.save_for_backward(attn, xv, wv)
         ctx.plan = plan
         return _batch_major(out_t, n)
@@ -147,19 +209,23 @@ class _PairValues(torch.autograd.Function):
         plan = ctx.plan
         b, heads, n, _ = attn.shape
         xv_t = _token_major(xv)
-        grad_out_t = _token_major(grad_out.contiguous())
-        attn_dense = _padded_dense(attn)
-        grad_attn = attn.new_zeros(b, heads, n * n + 1)
+        grad_out_t = _token_major(grad_out)
+        attn_t = _pair_major(attn)
+        grad_attn_t = attn.new_zeros(n * n + 1, b, heads)
         gxv_t = torch.zeros_like(xv_t)
-        gwv = torch.zeros_like(wv) if wv is not None and ctx.needs_input_grad[2] else None
+        gwv = _bank_grad(wv, plan, ctx.needs_input_grad[2])
+        scratch = _Scratch(xv)
         for chunk in plan.chunks:
             d, p = chunk.shape
-            v = _Projection(xv_t, wv, chunk.key_tokens, chunk.rows)
-            go = grad_out_t[chunk.query_tokens].view(d, p, b, heads, -1)
-            _scatter_pairs(grad_attn, chunk, (go * v.outputs.view(d, p, b, heads, -1)).sum(-1))
-            v.backward((_pairs_of(attn_dense, chunk) * go).reshape(v.outputs.shape), gxv_t, gwv)
-        grad_attn = grad_attn[:, :, : n * n].view(b, heads, n, n)
-        return grad_attn, _batch_major(gxv_t, n), gwv, None
+            xj, bank_v, v = _project(xv_t, wv, chunk.key_tokens, chunk, scratch, "v")
+            go = _gather(grad_out_t, chunk.query_tokens, scratch("go", d * p, b, grad_out.shape[-1]))
+            go = go.view(d * p, b, heads, -1)
+            products = v.view(d * p, b, heads, -1).mul_(go)  # v is not needed any more (nor xj, if v is xj)
+            grad_attn_t.index_copy_(0, chunk.flat_pairs, torch.sum(products, -1, out=scratch("ga", d * p, b, heads)))
+            a = _gather(attn_t, chunk.flat_pairs, scratch("a", d * p, b, heads)).unsqueeze(-1)
+            grad_v = go.mul_(a).view(v.shape)
+            _project_backward(grad_v, xj, bank_v, chunk.key_tokens, chunk, scratch, "v", gxv_t, gwv)
+        return _dense(grad_attn_t, n), _batch_major(gxv_t, n), gwv, None
 
 
 def _local(weight: Tensor | None) -> Tensor | None:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from translution_dist.data.dataset import IGNORE_INDEX
+
 
 @dataclass
 class StepOutput:
@@ -26,14 +28,16 @@ class ClassificationTask:
 
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
+        """Sums over the batch; samples that only pad the split (``IGNORE_INDEX``) do not count."""
         images, labels = batch
         logits = model(images).float()
+        real = labels != IGNORE_INDEX
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         return {
-            "loss_sum": F.cross_entropy(logits, labels, reduction="sum").item(),
-            "top1": (top5[:, 0] == labels).sum().item(),
-            "top5": (top5 == labels[:, None]).any(-1).sum().item(),
-            "count": labels.shape[0],
+            "loss_sum": F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX).item(),
+            "top1": ((top5[:, 0] == labels) & real).sum().item(),
+            "top5": ((top5 == labels[:, None]).any(-1) & real).sum().item(),
+            "count": real.sum().item(),
         }
 
     @staticmethod
@@ -55,8 +59,8 @@ class LanguageModelTask:
     def eval_sums(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
         inputs, targets = batch
         logits = model(inputs).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        return {"loss_sum": loss.item(), "count": targets.numel()}
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+        return {"loss_sum": loss.item(), "count": (targets != IGNORE_INDEX).sum().item()}
 
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:

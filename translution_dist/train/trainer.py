@@ -117,12 +117,13 @@ class Trainer:
         self.engine.load_scheduler_state(restored.meta["scheduler"])
         if restored.rank_state is not None:
             set_rng_state(restored.rank_state["rng"])
-            self.train_state.load_state_dict(restored.rank_state["data"])
+            self.train_state.load_state_dict(restored.rank_state["data"], strict=False)
         else:
-            log.warning("checkpoint %s was written at world size %s; resharded to %s, data order restarts "
-                        "from the checkpoint's step with fresh per-rank streams",
-                        path, restored.meta.get("world_size"), self.ctx.world_size)
-            self.train_state.skip_to_step(restored.step)
+            epoch = restored.step * self.cfg.train.grad_accum // self.train_state.batches_per_epoch
+            log.warning("checkpoint %s was written at world size %s, now %s: parameters and optimizer are "
+                        "resharded; the data streams restart at the start of epoch %d",
+                        path, restored.meta.get("world_size"), self.ctx.world_size, epoch)
+            self.train_state.epoch = epoch
         if self.ctx.is_main:
             log.info("resumed from %s at step %d", path, self.step)
         run_id_file = self.run_dir / "mlflow_run_id"
@@ -166,6 +167,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
 
+    def _batches(self):
+        """Training batches without end: each ``iter`` of the loader is the rest of one epoch."""
+        while True:
+            yield from self.train_loader
+
     def _micro_batches(self, batches) -> list:
         return [tuple(t.to(self.ctx.device, non_blocking=True) for t in next(batches))
                 for _ in range(self.cfg.train.grad_accum)]
@@ -180,7 +186,7 @@ class Trainer:
         resume_run_id = self._resume()
         self._start_tracking(resume_run_id)
         cfg = self.cfg.train
-        batches = iter(self.train_loader)
+        batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.ctx.is_main, desc="train", unit="step",
                    dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
@@ -227,7 +233,7 @@ class Trainer:
             "peak_memory_gib_rank0": _peak_memory_bytes(self.ctx.device) / 2**30,
         }
         metrics["peak_memory_gib_max"] = _max_over_ranks(metrics["peak_memory_gib_rank0"], self.ctx)
-        metrics.update({f"data_{k}": float(v) for k, v in self.train_state.counters().items()})
+        metrics.update(self.train_state.metrics())
         return metrics
 
     def _finish_artifacts(self) -> None:
