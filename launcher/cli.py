@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module, which exposes ``register(subparsers)`` and sets
 ``func`` on its parser; ``func(args)`` returns the exit code. Bad input raises
-:class:`UsageError` (or :class:`translution_dist.config.ConfigError`): the message is
-printed and the exit code is 2, as with argparse's own errors.
+:class:`launcher.errors.UsageError` (or :class:`translution_dist.config.ConfigError`): the
+message is printed and the exit code is 2, as with argparse's own errors.
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ COMMAND_MODULES = (
 )
 
 
-class UsageError(Exception):
-    """Bad input on the command line; the message says what and how to fix it."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="translution", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launcher.errors import UsageError
     from translution_dist.config import ConfigError
 
     args = build_parser().parse_args(argv)

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 [ -f data/mnist-dynamic/index.json ] || .venv/bin/translution data mnist data/mnist-dynamic --mode dynamic
-.venv/bin/torchrun --standalone --nproc-per-node "${NPROC:-2}" -m launcher.cli train configs/quickstart.yaml "$@"
+.venv/bin/translution launch configs/quickstart.yaml --nproc-per-node "${NPROC:-2}" "$@"
 cat <<MSG
 
 Done. Browse the run with:

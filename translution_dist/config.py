@@ -79,7 +79,14 @@ class ClusterSection(_Section):
     gpu_memory: str | None = Field(None, description="Memory per GPU for planning, e.g. 80GiB.")
     cpu_memory: str | None = Field(None, description="Host memory per node for planning, e.g. 1TiB.")
     nvme: str | None = Field(None, description="NVMe space per node for ZeRO-Infinity offload, e.g. 6TiB.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Launcher- or scheduler-specific settings.")
+    max_restarts: int = Field(0, ge=0, description="Restarts torchrun (and the Kubernetes job) allow after a failure.")
+    image: str | None = Field(None, description="Container image of the Kubernetes job; default translution-dist:latest.")
+    storage: str = Field("100Gi", description="Size of the ReadWriteMany volume for checkpoints and data.")
+    storage_class: str | None = Field(None, description="StorageClass of that volume; default: the cluster's.")
+    mlflow_storage: str = Field("10Gi", description="Size of the MLflow server's volume.")
+    shm_size: str | None = Field(None, description="/dev/shm of every pod (NCCL needs it); default 16Gi with GPUs, else 1Gi.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods require.")
+    trainjob_runtime: str = Field("torch-distributed", description="Kubeflow Trainer runtime a TrainJob refers to.")
 
 
 class Config(_Section):
