@@ -41,8 +41,10 @@ class ParallelConfig(BaseModel):
     vocab_parallel: bool = Field(
         False, description="arch=gpt with tp>1: shard the token embedding and the head over the vocabulary.")
     cpu_offload: bool = Field(False, description="engine=fsdp: keep parameter shards and gradients in host memory.")
-    offload_optimizer: Offload = Field("none", description="engine=deepspeed: where optimizer states live (ZeRO-Infinity).")
-    offload_param: Offload = Field("none", description="engine=deepspeed: where parameter shards live (ZeRO-Infinity).")
+    offload_optimizer: Offload = Field(
+        "none", description="engine=deepspeed: where optimizer states live (ZeRO-Infinity).")
+    offload_param: Offload = Field(
+        "none", description="engine=deepspeed: where parameter shards live (ZeRO-Infinity).")
     nvme_path: str | None = Field(None, description="engine=deepspeed: directory for nvme offload.")
     mixed_precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Dtype of gathered parameters: engine=fsdp: FSDP2's MixedPrecisionPolicy (gradients "
@@ -113,8 +115,8 @@ class ParallelConfig(BaseModel):
         attention = model.attention
         if self.tp > 1:
             if dims.heads % self.tp:
-                extra = (f"; for attention=alpha the banks [K, heads·r, heads·r] are split by heads on their "
-                         f"output axis too, so the same rule applies" if attention == "alpha" else "")
+                extra = ("; for attention=alpha the banks [K, heads·r, heads·r] are split by heads on their "
+                         "output axis too, so the same rule applies" if attention == "alpha" else "")
                 raise ValueError(
                     f"tp={self.tp} must divide heads={dims.heads}: head parallelism gives every rank whole "
                     f"heads{extra}; choose tp among the divisors of {dims.heads}")

@@ -99,10 +99,12 @@ def _copy_relative_inputs(chunk: nn.Module, args: tuple, mesh: DeviceMesh) -> tu
         attn, xv = args
         return attn, copy_to_region(xv, mesh)
     xq, xk, scale = args
-    copied_q = copy_to_region(xq, mesh) if hasattr(chunk, "q") else xq
+    shared = xk is xq  # both sides project the same input: complete its gradient once
+    if hasattr(chunk, "q"):
+        xq = copy_to_region(xq, mesh)
     if hasattr(chunk, "k"):
-        xk = copied_q if xk is xq and hasattr(chunk, "q") else copy_to_region(xk, mesh)
-    return copied_q, xk, scale
+        xk = xq if shared and hasattr(chunk, "q") else copy_to_region(xk, mesh)
+    return xq, xk, scale
 
 
 def _local_heads_of_fused_qkv(module: nn.Module, args: tuple, output: DTensor) -> Tensor:

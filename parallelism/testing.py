@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,15 +30,9 @@ from parallelism.mesh import build_mesh, init_distributed
 from translution_dist.models import ModelConfig, build_model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     init_distributed(ParallelConfig(backend="gloo"), timeout=timedelta(seconds=timeout_s))
     try:
@@ -49,16 +42,20 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ti
         dist.destroy_process_group()
 
 
-def run_in_processes(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120) -> list[Any]:
+def run_in_processes(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300) -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each call in its own gloo process.
 
     ``fn`` must be importable (a module-level function) and its result picklable. An
     exception in any process is re-raised here with that process's traceback; a collective
-    stuck longer than ``timeout_s`` fails instead of hanging.
+    stuck longer than ``timeout_s`` fails instead of hanging. As under torchrun, this process
+    hosts the rendezvous store (on a port the OS picks, so concurrent runs never collide) and
+    the workers join it as clients.
     """
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
     with tempfile.TemporaryDirectory() as out_dir:
         torch.multiprocessing.start_processes(
-            _entry, args=(fn, world_size, _free_port(), out_dir, timeout_s, args), nprocs=world_size,
+            _entry, args=(fn, world_size, store.port, out_dir, timeout_s, args), nprocs=world_size,
             start_method="spawn")
         return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
@@ -94,8 +91,9 @@ def compare_with_single_process(rank: int, world_size: int, model_fields: dict, 
 
     Both start from the same seed and take ``steps`` AdamW steps on the same batches; every
     step's loss, every gradient (gathered with ``full_tensor``) and the final weights must
-    match within ``tol``. With ``checkpoint_dir``, the parallel model is then saved with DCP.
-    Returns the largest differences seen.
+    match within ``tol``. Returns the largest differences seen; with ``checkpoint_dir``, the
+    parallel model is saved there with DCP and the result holds the reference's final
+    ``state_dict`` under ``"reference_state"``.
     """
     model_config = ModelConfig(**model_fields)
     layout = ParallelConfig(**parallel_fields).resolve(world_size)
@@ -130,4 +128,20 @@ def compare_with_single_process(rank: int, world_size: int, model_fields: dict, 
         worst["param"] = max(worst["param"], _assert_close(_full(p.detach()), expected[name].detach(), name, tol))
     if checkpoint_dir is not None:
         dcp.save(model.state_dict(), checkpoint_id=checkpoint_dir)
+        return {**worst, "reference_state": reference.state_dict()}
     return worst
+
+
+def compare_cases(rank: int, world_size: int, cases: dict[str, dict[str, Any]]) -> dict[str, dict | str]:
+    """:func:`compare_with_single_process` for each named case (a dict of its keyword arguments).
+
+    A failed comparison is returned as its message (the ranks fail alike, since they compare
+    gathered tensors), so one spawn checks many cases and reports each.
+    """
+    results: dict[str, dict | str] = {}
+    for name, kwargs in cases.items():
+        try:
+            results[name] = compare_with_single_process(rank, world_size, **kwargs)
+        except AssertionError as err:
+            results[name] = str(err)
+    return results
