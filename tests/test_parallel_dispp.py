@@ -114,7 +114,9 @@ def test_balance_of_causal_windows_is_even():
 
 
 def test_balance_reports_the_busiest_rank():
-    balance = displacement_balance(CausalLayout(8), 2, bank_chunks=4)  # chunks of 2 rows: heavy row, light row
-    assert balance.pairs_per_rank == (26, 10)
+    # Chunks of 2 rows, stored counts [4, 5 | 3, 6 | 2, 7 | 1, 8]: rank 1 gets every second row.
+    balance = displacement_balance(CausalLayout(8), 2, bank_chunks=4)
+    assert balance.pairs_per_rank == (10, 26)
     assert balance.max_over_mean == pytest.approx(26 / 18)
-    assert displacement_balance(CausalLayout(8), 2, bank_chunks=4, num_tokens=4).pairs_per_rank == (10, 0)
+    assert displacement_balance(CausalLayout(8), 2, bank_chunks=4, num_tokens=4).pairs_per_rank == (0, 10)
+    assert displacement_balance(CausalLayout(8), 2).pairs_per_rank == (18, 18)

@@ -60,6 +60,9 @@ class TrainSection(_Section):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint of the run directory.")
     nonfinite_loss: Literal["skip", "stop"] = Field("stop", description="What a NaN/inf loss does: skip the step or stop the run.")
     collective_timeout_s: int = Field(600, ge=1, description="A collective that takes longer fails the job, naming the rank.")
+    on_checkpoint_error: Literal["stop", "continue"] = Field(
+        "stop", description="A checkpoint that cannot be written (disk full…): stop the run, or log it and train on "
+                            "to the next one (the final checkpoint always stops). The previous one stays intact.")
 
 
 class TrackingSection(_Section):
@@ -100,11 +103,12 @@ class Config(_Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> Config:
+    def _sections_agree(self) -> Config:
         if self.optim.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.steps ({self.train.steps}); "
                 "lower the warm-up or train longer")
+        self.parallel.check_model(self.model)
         return self
 
     @property

@@ -26,6 +26,7 @@ Index conventions follow the official Translution code, so that its weights impo
 
 from __future__ import annotations
 
+import bisect
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -63,12 +64,24 @@ class RelativeLayout(ABC):
 
     @functools.cached_property
     def storage_order(self) -> torch.Tensor:
-        """``[K]``: the displacement stored in each bank row (heavy and light interleaved)."""
-        by_count = torch.argsort(self.pair_counts(), descending=True, stable=True)  # CPU: from index_maps
-        heavy, light = by_count[: (len(by_count) + 1) // 2], by_count[(len(by_count) + 1) // 2:].flip(0)
-        order = torch.empty_like(by_count)
-        order[0::2], order[1::2] = heavy, light
-        return order
+        """``[K]``: the displacement stored in each bank row.
+
+        Chosen greedily so that the running pair count of rows ``0..r`` tracks ``(r+1)·mean``:
+        then every contiguous range of rows carries pairs in proportion to its length.
+        """
+        counts = self.pair_counts().tolist()
+        mean = sum(counts) / len(counts)
+        remaining = sorted((count, d) for d, count in enumerate(counts))
+        order, total = [], 0
+        for row in range(len(counts)):
+            want = (row + 1) * mean - total
+            i = bisect.bisect_left(remaining, (want, -1))
+            pick = min((j for j in (i - 1, i) if 0 <= j < len(remaining)),
+                       key=lambda j: abs(remaining[j][0] - want))
+            count, d = remaining.pop(pick)
+            order.append(d)
+            total += count
+        return torch.tensor(order, device="cpu")
 
     @functools.cached_property
     def storage_row(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -85,18 +86,26 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return value
 
 
-def _nonfinite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
-    bad = []
-    for name, p in model.named_parameters():
-        grad = p.grad
-        if grad is None:
-            continue
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        if not torch.isfinite(local).all():
-            bad.append(name)
-            if len(bad) == limit:
-                break
-    return bad
+def _nonfinite_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, limit: int = 5) -> str:
+    """Where the gradients are not finite: ``param group G (name, …)`` per optimizer group, names capped at ``limit``."""
+    names = {p: name for name, p in model.named_parameters()}
+    groups = []
+    for index, group in enumerate(optimizer.param_groups):
+        bad = [names.get(p, "?") for p in group["params"] if p.grad is not None
+               and not torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all()]
+        if bad:
+            more = f", … {len(bad) - limit} more" if len(bad) > limit else ""
+            groups.append(f"param group {index} ({len(bad)} of {len(group['params'])} parameters: "
+                          f"{', '.join(bad[:limit])}{more})")
+    return "; ".join(groups)
+
+
+def _parameter_groups(model: nn.Module) -> list[dict[str, list[nn.Parameter]]]:
+    """Sharded (DTensor) and plain parameters in separate groups: the foreach kernels cannot
+    mix them, which happens when tp/dispp run without FSDP."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    return [{"params": group} for group in groups if group]
 
 
 class TorchEngine:
@@ -108,8 +117,8 @@ class TorchEngine:
         self.model = model
         optim = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=optim.lr, betas=optim.betas, eps=optim.eps,
-            weight_decay=optim.weight_decay, foreach=ctx.world_size > 1 or None)
+            _parameter_groups(model), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+            weight_decay=optim.weight_decay, foreach=True)
         self.scheduler = warmup_cosine(self.optimizer, lr=optim.lr, min_lr=optim.min_lr,
                                        warmup_steps=optim.warmup_steps, total_steps=cfg.train.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16"
@@ -138,9 +147,9 @@ class TorchEngine:
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
         nonfinite = None
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            names = _nonfinite_parameters(self.model)
+            where = _nonfinite_gradients(self.model, self.optimizer)
             nonfinite = f"loss={loss.item():g}, grad_norm={grad_norm.item():g}" + (
-                f", non-finite gradients in {', '.join(names)}" if names else "")
+                f"; non-finite gradients in {where}" if where else "")
         skipped = nonfinite is not None
         if not skipped:
             self.scaler.step(self.optimizer)
