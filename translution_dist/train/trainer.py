@@ -86,17 +86,13 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------------
 
-    def _layout_tag(self) -> str:
-        p = self.cfg.parallel
-        return (f"{p.engine}:dp_replicate={p.dp_replicate},dp_shard={p.dp_shard},tp={p.tp},dispp={p.dispp}"
-                f",bank_chunks={self.cfg.model.bank_chunks}")
-
     def _start_tracking(self, resume_run_id: str | None) -> None:
         if not (self.ctx.is_main and self.cfg.tracking.enabled):
             return
         uri = self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir)
         self.tracker = Tracker(uri, self.cfg.tracking.experiment)
-        tags = {"git_commit": _git_commit(), "layout": self._layout_tag(), "world_size": str(self.ctx.world_size),
+        tags = {"git_commit": _git_commit(), "layout": self.cfg.layout_tag(self.ctx.world_size),
+                "world_size": str(self.ctx.world_size),
                 "device": self.ctx.device.type, "topology": os.environ.get("TRANSLUTION_TOPOLOGY", "local")}
         run_id = self.tracker.start(self.cfg.run.name, tags, resume_run_id, self.cfg.tracking.system_metrics)
         (self.run_dir / "mlflow_run_id").write_text(run_id)
@@ -132,7 +128,7 @@ class Trainer:
     # -- checkpoints, evaluation, logging ------------------------------------------
 
     def save_checkpoint(self) -> None:
-        meta = {"scheduler": self.engine.scheduler_state(), "layout": self._layout_tag(),
+        meta = {"scheduler": self.engine.scheduler_state(), "layout": self.cfg.layout_tag(self.ctx.world_size),
                 "config": json.loads(json.dumps(self.cfg.model_dump(mode="json")))}
         rank_state = {"rng": rng_state(), "data": self.train_state.state_dict()}
         try:
