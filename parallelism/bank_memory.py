@@ -27,13 +27,16 @@ from parallelism.fsdp import bank_chunks
 Engine = Literal["fsdp", "deepspeed"]
 
 
+def _fsdp_numel(chunk: nn.Module) -> int:
+    """Unsharded elements of an FSDP2 chunk unit (its local tp/dispp share where sharded so)."""
+    return sum(fsdp_param._orig_size.numel() for fsdp_param in chunk._get_fsdp_state()._fsdp_param_group.fsdp_params)
+
+
 def _fsdp_gathered(chunk: nn.Module) -> int:
-    """Unsharded bank elements of an FSDP2 chunk unit: all of it while its all-gather is
-    pending or done, none once resharded (uses FSDP2's private parameter-group state)."""
+    """All of an FSDP2 chunk unit while its all-gather is pending or done, none once
+    resharded (reads FSDP2's private parameter-group state)."""
     group = chunk._get_fsdp_state()._fsdp_param_group
-    if group is None or not (group.is_unsharded or group._all_gather_result is not None):
-        return 0
-    return sum(fsdp_param._orig_size.numel() for fsdp_param in group.fsdp_params)
+    return _fsdp_numel(chunk) if group.is_unsharded or group._all_gather_result is not None else 0
 
 
 def _deepspeed_gathered(chunk: nn.Module) -> int:
@@ -43,10 +46,8 @@ def _deepspeed_gathered(chunk: nn.Module) -> int:
     return sum(p.ds_numel for p in chunk.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
 
 
-def _full_numel(chunk: nn.Module, engine: Engine) -> int:
-    if engine == "deepspeed":
-        return sum(p.ds_numel for p in chunk.parameters())
-    return sum(fsdp_param._orig_size.numel() for fsdp_param in chunk._get_fsdp_state()._fsdp_param_group.fsdp_params)
+def _deepspeed_numel(chunk: nn.Module) -> int:
+    return sum(p.ds_numel for p in chunk.parameters())
 
 
 class _SampleInBackward(torch.autograd.Function):
@@ -76,8 +77,9 @@ class BankGatherProbe:
         self.chunks = bank_chunks(model)
         if not self.chunks:
             raise ValueError("model has no bank chunks to probe")
-        self._gathered: Callable[[nn.Module], int] = _deepspeed_gathered if engine == "deepspeed" else _fsdp_gathered
-        self.chunk_numel = max(_full_numel(chunk, engine) for chunk in self.chunks)
+        deepspeed = engine == "deepspeed"
+        self._gathered: Callable[[nn.Module], int] = _deepspeed_gathered if deepspeed else _fsdp_gathered
+        self.chunk_numel = max((_deepspeed_numel if deepspeed else _fsdp_numel)(chunk) for chunk in self.chunks)
         self.peak = 0
         self.samples = 0
         self._handles: list[RemovableHandle] = [

@@ -3,8 +3,10 @@
 The second engine beside FSDP2, driven from the same model code and ``ParallelConfig``. The
 model is constructed under ``deepspeed.zero.Init``, so every module's parameters are
 partitioned as soon as that module is built (each rank briefly holds one module's weights,
-at most one bank chunk side, never the model), and the random initialisation equals the
-single-process one of the same seed: every rank draws the full tensor, then keeps its part.
+one bank chunk side or one plain layer, never the model), and the random initialisation
+equals the single-process one of the same seed: every rank draws the full tensor, then keeps
+its part. Consolidate a checkpoint offline (``deepspeed.utils.zero_to_fp32``); nothing here
+gathers the whole model on one rank.
 
 Gather granularity: DeepSpeed fetches a module's *own* parameters in its forward, but a bank
 chunk uses the weights of its ``DisplacementBank`` children without calling them, so the
@@ -23,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from parallelism.config import ParallelConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
 
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's default: parameters of at most this many elements stay gathered on every rank."""
@@ -52,11 +56,9 @@ class AdamWSettings(Protocol):
 
 
 class DeepSpeedLayout(Protocol):
-    """The :class:`ParallelConfig` fields this module reads."""
+    """The :class:`ParallelConfig` fields this module reads (``ParallelConfig`` refuses tp,
+    dispp and dp_replicate > 1 with this engine: DeepSpeed shards plain tensors over all ranks)."""
 
-    dp_replicate: int
-    tp: int
-    dispp: int
     offload_param: str
     offload_optimizer: str
     nvme_path: str | None
@@ -92,7 +94,7 @@ def _offload(device: str, nvme_path: str | None, **extra: Any) -> dict[str, Any]
 
 
 def deepspeed_config(parallel: ParallelConfig | DeepSpeedLayout, optim: AdamWSettings, *, micro_batch_size: int,
-                     grad_accum: int, sizes: ParameterSizes, precision: str = "fp32", cpu_adam: bool = True,
+                     grad_accum: int, sizes: ParameterSizes, precision: Precision = "fp32", cpu_adam: bool = True,
                      prefetch_numel: int = 0) -> dict[str, Any]:
     """The DeepSpeed config dict of a ZeRO-3 run.
 
@@ -114,13 +116,12 @@ def deepspeed_config(parallel: ParallelConfig | DeepSpeedLayout, optim: AdamWSet
     compute, fp32 master weights in the optimizer), e.g. from ``train.precision``.
 
     With NVMe parameter offload, each swap buffer must hold the largest parameter, so
-    ``buffer_size`` grows to it. ``cpu_adam`` picks DeepSpeedCPUAdam (a JIT-built, vectorised
-    kernel) for an offloaded optimizer; otherwise, and on a machine without CUDA, the step is
-    ``torch.optim.AdamW`` (``torch_adam``).
+    ``buffer_size`` grows to it (the ``aio`` settings keep DeepSpeed's defaults).
+
+    ``cpu_adam`` picks DeepSpeedCPUAdam (a JIT-built, vectorised kernel) for an offloaded
+    optimizer; otherwise, and on a machine without CUDA, the step is ``torch.optim.AdamW``
+    (``torch_adam``).
     """
-    if parallel.tp > 1 or parallel.dispp > 1 or parallel.dp_replicate > 1:
-        raise ValueError("the deepspeed engine shards over all ranks: it needs tp=1, dispp=1 and dp_replicate=1 "
-                         "(use engine=fsdp for tensor/displacement parallelism or HSDP)")
     offloaded = parallel.offload_optimizer != "none"
     torch_adam = not cpu_adam if offloaded else not torch.cuda.is_available()
     threshold = DEFAULT_PERSISTENCE_THRESHOLD
@@ -134,7 +135,6 @@ def deepspeed_config(parallel: ParallelConfig | DeepSpeedLayout, optim: AdamWSet
         "stage3_param_persistence_threshold": threshold,
         "stage3_max_reuse_distance": 0,
         "stage3_prefetch_bucket_size": prefetch_numel,
-        "stage3_gather_16bit_weights_on_model_save": True,
     }
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -168,7 +168,8 @@ def init_deepspeed_distributed(backend: str) -> None:
 
 def build_deepspeed_engine(model_fn: Callable[[], nn.Module], parallel: ParallelConfig | DeepSpeedLayout,
                            optim: AdamWSettings, *, micro_batch_size: int, grad_accum: int = 1,
-                           precision: str = "fp32", cpu_adam: bool = True, prefetch_numel: int = 0) -> DeepSpeedEngine:
+                           precision: Precision = "fp32", cpu_adam: bool = True,
+                           prefetch_numel: int = 0) -> DeepSpeedEngine:
     """Build ``model_fn()`` under ``deepspeed.zero.Init`` and wrap it in a ZeRO-3 engine.
 
     ``model_fn`` is called twice: on the meta device (to size the settings; no random

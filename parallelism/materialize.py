@@ -13,7 +13,8 @@ drawing the full tensor somewhere); to start a sharded run from given weights, e
 
 * On CUDA, DTensor's RNG tracker gives every shard its own offset of the common seed and
   keeps all ranks' generators in step.
-* On CPU DTensor has no RNG tracker: every rank draws its local shard from its own generator.
+* Shards in host memory (a CPU mesh, or CUDA with ``cpu_offload``) are drawn by the CPU
+  generator, which DTensor does not track: every rank draws its local shard on its own.
   Seeded alike, all shards of a tensor would hold the *same* numbers (bank rows ``[0, K/2)``
   equal to ``[K/2, K)``), and ranks drawing shards of different sizes would fall out of step.
   So each rank seeds its generator from its mesh coordinates (all but ``dp_replicate``, whose
@@ -77,11 +78,15 @@ def _copy_dims(param: Tensor, mesh: DeviceMesh) -> list[str]:
 
 @torch.no_grad()
 def _broadcast_copies(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Make every copy of the same data equal to the one on the first rank of its dims."""
+    """Make every copy of the same data equal to the one on the first rank of its dims
+    (through the mesh's device: NCCL cannot send host tensors)."""
     for param in model.parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
         for name in _copy_dims(param, mesh):
-            dist.broadcast(local, group=mesh[name].get_group(), group_src=0)
+            payload = local if local.device.type == mesh.device_type else local.to(mesh.device_type)
+            dist.broadcast(payload, group=mesh[name].get_group(), group_src=0)
+            if payload is not local:
+                local.copy_(payload)
 
 
 def _to_empty(model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
@@ -104,10 +109,10 @@ def materialize(model: nn.Module, device: torch.device | str, *, seed: int, mesh
     """
     device = torch.device(device)
     _to_empty(model, device, cpu_offload)
-    on_cpu = device.type == "cpu"
-    torch.manual_seed(seed + _STREAM_STRIDE * _shard_stream(mesh) if on_cpu else seed)
+    in_host_memory = cpu_offload or device.type == "cpu"
+    torch.manual_seed(seed + _STREAM_STRIDE * _shard_stream(mesh) if in_host_memory else seed)
     model.init_weights()
-    if on_cpu and mesh is not None:
+    if in_host_memory and mesh is not None:
         _broadcast_copies(model, mesh)
     _buffers_to(model, device)
     return model

@@ -10,9 +10,9 @@ than one bank chunk gathered.
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,7 +25,9 @@ from parallelism import ParallelConfig, build_mesh
 from parallelism.bank_memory import BankGatherProbe
 from parallelism.fsdp import apply_fsdp, bank_chunks
 from parallelism.materialize import load_full_state, materialize
+from parallelism.testing import cross_entropy, run_in_processes, tiny_batch
 from translution_dist.models import ModelConfig, build_model
+from translution_dist.train.grad_norm import clip_grad_norm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -35,35 +37,26 @@ LR = 1e-3
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-# -- process helpers -------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn: Callable, world: int, *args) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; a failure in any re-raises here."""
-    torch.multiprocessing.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
-                                          start_method="spawn")
-
+# -- helpers ------------------------------------------------------------------------------------
 
 def fsdp_layout(world: int, **fields) -> tuple[DeviceMesh, ParallelConfig]:
     """The mesh and resolved config of an FSDP2 layout of ``world`` ranks."""
     cfg = ParallelConfig(engine="fsdp", backend="gloo", **fields).resolve(world)
     return build_mesh(cfg, world, "cpu"), cfg
+
+
+def assert_same(actual: Tensor, expected: Tensor, what: str) -> None:
+    """Equal within fp32 tolerance (``TOL``)."""
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda message: f"{what}: {message}")
+
+
+@contextmanager
+def case(label: str) -> Iterator[None]:
+    """Name the case in a failure raised inside (many cases share one set of processes)."""
+    try:
+        yield
+    except AssertionError as err:
+        raise AssertionError(f"{label}: {err}") from err
 
 
 # -- models and data ---------------------------------------------------------------------------
@@ -76,17 +69,12 @@ def tiny_config(arch: str, attention: str, bank_chunks: int) -> ModelConfig:
 
 
 def global_batches(cfg: ModelConfig, world: int, steps: int = STEPS) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    n = MICRO_BATCH * world
-    if cfg.arch == "vit":
-        return [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)) for _ in range(steps)]
-    tokens = [torch.randint(0, 32, (n, 9), generator=g) for _ in range(steps)]
-    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+    """One batch per step for all ``world`` ranks together (``MICRO_BATCH`` rows each)."""
+    return [tiny_batch(cfg, MICRO_BATCH * world, seed=step) for step in range(steps)]
 
 
 def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    out = model(x)
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return cross_entropy(model, (x, y))
 
 
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -107,46 +95,46 @@ def sharded_copy(cfg: ModelConfig, reference: nn.Module, mesh: DeviceMesh, pc: P
     return load_full_state(model, "cpu", reference.state_dict(), cpu_offload=pc.cpu_offload)
 
 
-def train_and_compare(cfg: ModelConfig, model: nn.Module, reference: nn.Module, batch_rows: slice,
-                      full: Callable[[Tensor], Tensor]) -> None:
-    """Three steps of each model; ``model`` sees the rows ``batch_rows`` of every global batch."""
+def train_and_compare(cfg: ModelConfig, model: nn.Module, reference: nn.Module, dp_rank: int, dp_size: int) -> None:
+    """Three steps of each model: the reference takes each global batch whole, data-parallel
+    rank ``dp_rank`` of ``dp_size`` its ``MICRO_BATCH`` rows. Sharded tensors are compared
+    gathered (``full_tensor``)."""
+    rows = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
     opt, ref_opt = adamw(model), adamw(reference)
-    for step, (x, y) in enumerate(global_batches(cfg, dist.get_world_size())):
+    for step, (x, y) in enumerate(global_batches(cfg, dp_size)):
         ref_loss = loss_of(reference, x, y)
         ref_loss.backward()
-        loss = loss_of(model, x[batch_rows], y[batch_rows])
+        loss = loss_of(model, x[rows], y[rows])
         loss.backward()
         assert mean_over_ranks(loss) == pytest.approx(ref_loss.item(), rel=1e-5), f"loss of step {step}"
         if step == 0:
-            for (name, p), r in zip(model.named_parameters(), reference.parameters()):
-                torch.testing.assert_close(full(p.grad), r.grad, **TOL, msg=lambda m: f"grad of {name}: {m}")
+            for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+                assert_same(p.grad.full_tensor(), r.grad, f"grad of {name}")
         for m in (model, reference):
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            clip_grad_norm(m.parameters(), 0.5)
         for o in (opt, ref_opt):
             o.step()
             o.zero_grad()
-    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(full(p.detach()), r.detach(), **TOL, msg=lambda m: f"{name}: {m}")
+    for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert_same(p.detach().full_tensor(), r.detach(), name)
 
 
 # -- workers -----------------------------------------------------------------------------------
 
-def _zero3_cases(rank: int, world: int, arch: str, attention: str) -> None:
-    rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+def _zero3_cases(rank: int, world: int, arch: str) -> None:
     for cpu_offload in (False, True):
         mesh, pc = fsdp_layout(world, cpu_offload=cpu_offload)
-        for chunks in (1, 3):
+        for attention, chunks in itertools.product(("translution", "alpha"), (1, 3)):
             cfg = tiny_config(arch, attention, chunks)
             torch.manual_seed(0)
             reference = build_model(cfg)
-            model = sharded_copy(cfg, reference, mesh, pc)
-            with BankGatherProbe(model, "fsdp") as probe:
-                train_and_compare(cfg, model, reference, rows, lambda t: t.full_tensor())
-            assert probe.samples > 0
-            assert probe.peak == probe.chunk_numel, (cpu_offload, chunks, probe.peak, probe.chunk_numel)
-            if chunks == 3:
-                whole_layer = sum(p.numel() for c in bank_chunks(model.encoder.blocks[0]) for p in c.parameters())
-                assert probe.chunk_numel * 2 < whole_layer
+            with case(f"{arch}/{attention}/cpu_offload={cpu_offload}/bank_chunks={chunks}"):
+                model = sharded_copy(cfg, reference, mesh, pc)
+                with BankGatherProbe(model, "fsdp") as probe:
+                    train_and_compare(cfg, model, reference, rank, world)
+                assert probe.samples > 0 and probe.peak == probe.chunk_numel, (probe.peak, probe.chunk_numel)
+                layer = sum(p.numel() for c in bank_chunks(model.encoder.blocks[0]) for p in c.parameters())
+                assert probe.chunk_numel * (2 if chunks == 3 else 1) < layer
 
 
 def _hsdp_case(rank: int, world: int) -> None:
@@ -158,10 +146,29 @@ def _hsdp_case(rank: int, world: int) -> None:
     weight = model.encoder.blocks[0].attn.score_banks[0].q.weight
     assert weight.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard")
     assert weight.to_local().shape[0] * 2 >= weight.shape[0] > weight.to_local().shape[0]
-    rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
     with BankGatherProbe(model, "fsdp") as probe:
-        train_and_compare(cfg, model, reference, rows, lambda t: t.full_tensor())
+        train_and_compare(cfg, model, reference, rank, world)
     assert probe.peak == probe.chunk_numel
+
+
+def _bf16_case(rank: int, world: int) -> None:
+    mesh, pc = fsdp_layout(world, mixed_precision="bf16")
+    cfg = tiny_config("vit", "alpha", 3)
+    torch.manual_seed(0)
+    reference = build_model(cfg)
+    model = sharded_copy(cfg, reference, mesh, pc)
+    chunk = model.encoder.blocks[0].attn.value_banks[0]
+    seen = []
+    chunk.register_forward_pre_hook(lambda module, args: seen.append((module.v.weight.dtype, args[0].dtype)))
+    x, y = global_batches(cfg, world, steps=1)[0]
+    rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+    logits = model(x[rows])
+    assert seen == [(torch.bfloat16, torch.bfloat16)], "gathered weights and inputs in bf16"
+    assert logits.dtype == torch.float32, "the root returns fp32 for the loss"
+    loss = F.cross_entropy(logits, y[rows])
+    loss.backward()
+    assert mean_over_ranks(loss) == pytest.approx(loss_of(reference, x, y).item(), rel=2e-2)
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters()), "fp32 shards and gradients"
 
 
 def _prefetching_chunks_are_seen(rank: int, world: int) -> None:
@@ -185,17 +192,22 @@ def _prefetching_chunks_are_seen(rank: int, world: int) -> None:
 
 # -- tests -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attention", ["translution", "alpha"])
 @pytest.mark.parametrize("arch", ["vit", "gpt"])
-def test_zero3_matches_single_process(arch, attention):
-    """2 ranks, with and without CPU offload, bank_chunks 1 and 3; one chunk gathered at a time."""
-    spawn(_zero3_cases, 2, arch, attention)
+def test_zero3_matches_single_process(arch):
+    """2 ranks, Translution and α-Translution, with and without CPU offload, bank_chunks 1
+    and 3; one chunk gathered at a time."""
+    run_in_processes(_zero3_cases, 2, arch)
 
 
 def test_hsdp_matches_single_process():
     """dp_replicate=2 × dp_shard=2 on 4 ranks."""
-    spawn(_hsdp_case, 4)
+    run_in_processes(_hsdp_case, 4)
+
+
+def test_bf16_mixed_precision():
+    """Gathered weights and compute in bf16, shards, gradients and the root's output in fp32."""
+    run_in_processes(_bf16_case, 2)
 
 
 def test_probe_sees_two_chunks_when_chunks_prefetch():
-    spawn(_prefetching_chunks_are_seen, 2)
+    run_in_processes(_prefetching_chunks_are_seen, 2)
