@@ -169,14 +169,18 @@ def init_deepspeed_distributed(backend: str) -> None:
 def build_deepspeed_engine(model_fn: Callable[[], nn.Module], parallel: ParallelConfig | DeepSpeedLayout,
                            optim: AdamWSettings, *, micro_batch_size: int, grad_accum: int = 1,
                            precision: Precision = "fp32", cpu_adam: bool = True,
-                           prefetch_numel: int = 0) -> DeepSpeedEngine:
+                           prefetch_numel: int = 0,
+                           lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> DeepSpeedEngine:
     """Build ``model_fn()`` under ``deepspeed.zero.Init`` and wrap it in a ZeRO-3 engine.
 
     ``model_fn`` is called twice: on the meta device (to size the settings; no random
     numbers are drawn) and under ``zero.Init`` (seed the default generator before calling
-    this, identically on every rank). Returns the engine: ``engine(x)``,
-    ``engine.backward(loss)``, ``engine.step()``.
+    this, identically on every rank). ``lr_scheduler`` builds the schedule from the optimizer
+    DeepSpeed creates; the engine steps it at every optimizer step. Returns the engine:
+    ``engine(x)``, ``engine.backward(loss)``, ``engine.step()``.
     """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator at import
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -189,5 +193,5 @@ def build_deepspeed_engine(model_fn: Callable[[], nn.Module], parallel: Parallel
         model = model_fn()
     set_z3_leaf_modules(model, list(BANK_CHUNK_TYPES), raise_if_not_found=False)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=config)
+                                      config=config, lr_scheduler=lr_scheduler)
     return engine

@@ -156,3 +156,19 @@ def test_run_is_read_back_from_a_real_mlflow_server(tmp_path, mlflow_server):
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for d in ("plots", "model") for a in client.list_artifacts(run_id, d)}
     assert {"config.yaml", "plots/curves.png", "model/model.safetensors"} <= artifacts
+
+
+def test_deepspeed_run_resumes_exactly(tmp_path):
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    layout = {"engine": "deepspeed", "dp_shard": -1, "offload_param": "cpu", "offload_optimizer": "cpu"}
+    straight = _config(tmp_path, "ds-straight", parallel=layout, train={"steps": 4, "checkpoint_every": 2})
+    _train(straight, nproc=2)
+    resumed = _config(tmp_path, "ds-resumed", parallel=layout, train={"steps": 4, "checkpoint_every": 2})
+    _train(resumed, nproc=2)
+    subprocess.run(["rm", "-r", str(tmp_path / "runs" / "ds-resumed" / "checkpoints" / "step_00000004")], check=True)
+    result = _train(resumed, nproc=2)
+    assert "resumed from" in result.stderr
+    a, b = _final_model(tmp_path / "runs" / "ds-straight"), _final_model(tmp_path / "runs" / "ds-resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

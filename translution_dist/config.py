@@ -109,6 +109,9 @@ class Config(_Section):
                 f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.steps ({self.train.steps}); "
                 "lower the warm-up or train longer")
         self.parallel.check_model(self.model)
+        if self.parallel.engine == "deepspeed" and self.train.nonfinite_loss == "skip":
+            raise ValueError("train.nonfinite_loss=skip is not possible with parallel.engine=deepspeed (DeepSpeed "
+                             "counts micro-batches to place its updates); use stop, or engine fsdp")
         return self
 
     @property

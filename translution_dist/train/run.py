@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 from parallelism import build_mesh, data_parallel_coordinates, init_distributed, parallelize
 from parallelism.materialize import materialize
-from translution_dist.config import Config
+from translution_dist.config import Config, ConfigError
 from translution_dist.data.loader import build_dataloader
 from translution_dist.models import build_model
-from translution_dist.train.engine import DistContext, TorchEngine
+from translution_dist.train.engine import DistContext, Engine, TorchEngine
 from translution_dist.train.trainer import Trainer, TrainResult, write_run_dir
 
 log = logging.getLogger("translution.train")
@@ -30,9 +30,23 @@ def _configure_logging(rank: int) -> None:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Refuse, before any process group or directory exists, a layout this process cannot run (exit code 2)."""
+    try:
+        layout = cfg.parallel.resolve(world_size)
+        cfg.parallel.check_model(cfg.model)
+    except ValueError as err:
+        raise ConfigError(f"parallel: {err}") from err
+    if layout.engine != "none" and "RANK" not in os.environ:
+        raise ConfigError(f"parallel.engine={layout.engine} needs the process group that torchrun sets up: start it "
+                          "with `translution launch CONFIG --nproc-per-node N`, or set parallel.engine=none to "
+                          "train in this one process")
+
+
 def setup(cfg: Config) -> DistContext:
     """Join the process group (when launched as several processes) and build the mesh."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(cfg, world_size)
     layout = cfg.parallel.resolve(world_size)
     if world_size == 1 and layout.engine == "none":
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -57,18 +71,36 @@ def build_sharded_model(cfg: Config, ctx: DistContext) -> torch.nn.Module:
     return model
 
 
-def train(cfg: Config) -> TrainResult:
-    ctx = setup(cfg)
-    _configure_logging(ctx.rank)
+def build_engine(cfg: Config, ctx: DistContext) -> Engine:
+    """DeepSpeed builds and shards the model itself; every other engine gets a model sharded here."""
+    if cfg.parallel.engine == "deepspeed":
+        from translution_dist.train.deepspeed_adapter import DeepSpeedTrainEngine
+
+        torch.manual_seed(cfg.run.seed)
+        return DeepSpeedTrainEngine(cfg, ctx, lambda: build_model(cfg.model))
+    return TorchEngine(cfg, ctx, build_sharded_model(cfg, ctx))
+
+
+def build_loaders(cfg: Config, ctx: DistContext) -> dict:
+    """The train (and eval) loaders; missing or mismatched data is a config error, reported before the run starts."""
+    batch = cfg.train.micro_batch_size
     try:
-        model = build_sharded_model(cfg, ctx)
-        engine = TorchEngine(cfg, ctx, model)
-        batch = cfg.train.micro_batch_size
         loaders = {"train": build_dataloader(cfg.data, split="train", dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                                              batch_size=batch, seed=cfg.run.seed)}
         if cfg.train.eval_batches:
             loaders["eval"] = build_dataloader(cfg.data, split="test", dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                                                batch_size=batch, seed=cfg.run.seed)[0]
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
+    return loaders
+
+
+def train(cfg: Config) -> TrainResult:
+    ctx = setup(cfg)
+    _configure_logging(ctx.rank)
+    try:
+        engine = build_engine(cfg, ctx)
+        loaders = build_loaders(cfg, ctx)
         write_run_dir(cfg, ctx)
         result = Trainer(cfg, ctx, engine, loaders).run()
         if ctx.is_main:
