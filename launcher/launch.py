@@ -58,12 +58,17 @@ class LaunchPlan:
 
 
 def choose_layout(cfg: Config, topology: Topology) -> ParallelConfig:
-    """The parallel layout this run uses on ``topology``: for now the config's own, resolved to its world size.
+    """The parallel layout this run uses on ``topology``: the config's own, resolved to its world size,
+    once the memory planner (:mod:`launcher.plan`) has checked that every rank fits.
 
-    The memory planner (``translution plan``) takes over here: it will pick, among the layouts
-    that fit per-rank memory on ``topology.devices``, one for ``topology.world_size``, or refuse
-    saying why. Callers get a resolved layout (``dp_shard`` filled in) either way.
+    A layout that does not fit is refused (exit 2) with the reason and the planner's choice as
+    overrides to add: the workers read the config and the command-line overrides themselves, so
+    a layout substituted here would not reach them. An elastic job is checked at its smallest
+    size (the least sharding). Without any memory figure (no GPU, host memory unknown) there is
+    nothing to check against.
     """
+    from launcher.plan import Cluster, describe_layout, evaluate, hints, layout_overrides, plan
+
     sizes = [topology.world_size]
     if topology.min_nodes not in (None, topology.nodes):
         sizes.insert(0, topology.min_nodes * topology.procs_per_node)  # an elastic job runs at either end
@@ -75,7 +80,23 @@ def choose_layout(cfg: Config, topology: Topology) -> ParallelConfig:
                 f"parallel: {err}. This launch has {world} processes (nodes={world // topology.procs_per_node} × "
                 f"procs_per_node={topology.procs_per_node}, {topology.kind}); change the parallel degrees or "
                 "--nnodes / --nproc-per-node") from err
-    return layout
+    cluster = Cluster.from_topology(topology, cfg, nodes=sizes[0] // topology.procs_per_node)
+    if cluster.gpu_memory is None and cluster.cpu_memory is None:
+        return layout
+    verdict = evaluate(cfg, cfg.parallel.resolve(cluster.world_size), cluster)
+    if verdict.fits:
+        return layout
+    message = (f"parallel layout {describe_layout(verdict.layout)} does not fit ({cluster.describe()}): "
+               f"{'; '.join(verdict.problems)}")
+    choice = plan(cfg, cluster).choice
+    if choice is not None:
+        message += (f". The memory planner's choice fits: add {' '.join(layout_overrides(choice.layout))} "
+                    "(`translution plan CONFIG` lists every layout)")
+    else:
+        advice = hints(cfg, cluster)
+        message += ". No layout fits this cluster" + (f"; one would with {' or '.join(advice)}" if advice else
+                                                       "; use more nodes or GPUs with more memory")
+    raise UsageError(message)
 
 
 def resolve_topology(cfg: Config, detected: Topology, options: LaunchOptions) -> Topology:
