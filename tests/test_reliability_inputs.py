@@ -1,0 +1,173 @@
+"""Bad configs and bad command lines: each gets a message naming the problem and exit code 2, and leaves
+no run directory, no MLflow store and no process behind.
+
+The table runs ``launcher.cli.main`` in this process (``launch`` cannot start torchrun here: its exec is
+replaced by a failure); a few rows run again as real commands for the exit status a shell sees.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from reliability.harness import launch_cmd, run, train_cmd, write_config
+
+from launcher import launch_command
+from launcher.cli import main
+
+GOOD = "{tmp}/good.yaml"  # a valid tiny config, engine none (files written by the `inputs` fixture)
+FSDP = "{tmp}/fsdp.yaml"  # the same with engine fsdp, for launch
+
+# id: (argv, words the message must hold, environment)
+CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
+    # the config file itself
+    "config file missing": (["train", "{tmp}/nothere.yaml"], ["config: cannot read", "nothere.yaml"], {}),
+    "config not YAML": (["train", "{tmp}/broken.yaml"], ["not valid YAML"], {}),
+    "config not a mapping": (["train", "{tmp}/list.yaml"], ["must hold a mapping"], {}),
+    "unknown top-level key": (["train", "{tmp}/extra.yaml"], ["frobnicate: unknown key"], {}),
+    "model section missing": (["train", "{tmp}/nomodel.yaml"], ["model: required"], {}),
+    "included section missing": (["train", "{tmp}/include.yaml"], ["section 'model': cannot read", "nothere"], {}),
+    # values
+    "unknown nested key": (["train", GOOD, "train.stepz=5"], ["train.stepz: unknown key"], {}),
+    "wrong type": (["train", GOOD, "train.steps=many"], ["train.steps", "integer", "'many'"], {}),
+    "out of range": (["train", GOOD, "train.steps=0"], ["train.steps", "greater than or equal to 1"], {}),
+    "bad choice": (["train", GOOD, "train.precision=fp8"], ["train.precision", "'fp8'"], {}),
+    "zero learning rate": (["train", GOOD, "optim.lr=0"], ["optim.lr", "greater than 0"], {}),
+    "warm-up longer than run": (["train", GOOD, "optim.warmup_steps=50"], ["warmup_steps (50) exceeds train.steps (6)"],
+                                {}),
+    "keep no checkpoints": (["train", GOOD, "train.keep_checkpoints=0"], ["train.keep_checkpoints"], {}),
+    "bad checkpoint-error policy": (["train", GOOD, "train.on_checkpoint_error=retry"],
+                                    ["train.on_checkpoint_error", "'retry'"], {}),
+    "data path missing for kind": (["train", GOOD, "data.kind=mnist"], ["data.path is required for kind='mnist'"], {}),
+    "workers not dividing streams": (["train", GOOD, "data.num_workers=3", "data.streams_per_rank=4"],
+                                     ["must divide data.streams_per_rank=4"], {}),
+    # overrides
+    "override without =": (["train", GOOD, "train.steps"], ["expected KEY=VALUE"], {}),
+    "override into a value": (["train", GOOD, "run.name.first=x"], ["'run.name' is not a section"], {}),
+    "override not YAML": (["train", GOOD, "train.steps=[1"], ["value is not valid YAML"], {}),
+    # layouts
+    "tp not dividing heads": (["launch", FSDP, "parallel.tp=3", "--nproc-per-node", "3"],
+                              ["tp=3 must divide heads=2"], {}),
+    "world size not matching": (["launch", FSDP, "parallel.dp_shard=3", "--nproc-per-node", "2"],
+                                ["do not match the world size 2"], {}),
+    "engine none on 2 ranks": (["launch", GOOD, "--nproc-per-node", "2"], ["engine=none does not reduce gradients"],
+                               {}),
+    "train rank with a mismatched world": (["train", FSDP, "parallel.dp_shard=4"], ["do not match the world size 2"],
+                                           {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}),
+    "fsdp without torchrun": (["train", FSDP], ["needs the process group that torchrun sets up", "translution launch"],
+                              {}),
+    "model that cannot fit": (["plan", GOOD, "--gpus-per-node", "1", "--gpu-mem", "1KiB"], ["no layout fits"], {}),
+    # data and directories
+    "data directory missing": (["train", GOOD, "data.kind=image_folder", "data.path={tmp}/nodata"],
+                               ["data: no index.json in", "nodata"], {}),
+    "output dir under a file": (["train", GOOD, "run.output_dir={tmp}/good.yaml/runs"],
+                                ["run.output_dir: cannot write the run directory", "Not a directory"], {}),
+    "output dir read-only": (["train", GOOD, "run.output_dir={ro}/runs"],
+                             ["run.output_dir: cannot write the run directory", "Read-only file system"], {}),
+    "fault hook misspelt": (["train", GOOD], ["TRANSLUTION_FAULT: cannot parse 'kil@step:3'"],
+                            {"TRANSLUTION_FAULT": "kil@step:3"}),
+    # command lines
+    "no command": ([], ["required: COMMAND"], {}),
+    "unknown command": (["frobnicate"], ["invalid choice: 'frobnicate'"], {}),
+    "train without config": (["train"], ["required: config"], {}),
+    "launch zero processes": (["launch", FSDP, "--nproc-per-node", "0"], ["--nproc-per-node", ">= 1, got '0'"], {}),
+    "launch negative restarts": (["launch", FSDP, "--max-restarts", "-1"], ["--max-restarts", ">= 0, got '-1'"], {}),
+    "launch unknown option": (["launch", FSDP, "--gpus", "2"], ["unrecognized arguments: --gpus"], {}),
+    "launch nodes without master": (["launch", FSDP, "--nnodes", "2"], ["set MASTER_ADDR"], {}),
+    "launch multi-node config locally": (["launch", FSDP, "cluster.nodes=4"], ["cluster.nodes=4", "--nnodes 1"], {}),
+    "deepspeed with restarts": (["launch", FSDP, "parallel.engine=deepspeed", "--max-restarts", "2"], ["deepspeed"],
+                                {}),
+    "data build from a missing folder": (["data", "text", "{tmp}/nodocs", "{tmp}/out", "--context-length", "8"],
+                                         ["nodocs is not a directory"], {}),
+    "data build bad size": (["data", "mnist", "{tmp}/out", "--canvas-size", "0"],
+                            ["--canvas-size", "must be a positive integer"], {}),
+    "data inspect a missing set": (["data", "inspect", "{tmp}/nodata"], ["no index.json"], {}),
+    "k8s render without --out": (["k8s", "render", FSDP], ["required: --out"], {}),
+    "k8s render unknown flavor": (["k8s", "render", FSDP, "--out", "{tmp}/k8s", "--flavor", "helm"],
+                                  ["invalid choice: 'helm'"], {}),
+    "ckpt inspect a missing checkpoint": (["ckpt", "inspect", "{tmp}/nockpt"], ["no such file or directory"], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The config files of the table, and a read-only file system (None where it cannot be mounted)."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    good = yaml.safe_load(write_config(tmp, "good").read_text())
+    write_config(tmp, "fsdp", parallel={"engine": "fsdp", "dp_shard": -1})
+    (tmp / "broken.yaml").write_text("model: [unclosed\n")
+    (tmp / "list.yaml").write_text("- model\n- data\n")
+    (tmp / "extra.yaml").write_text(yaml.safe_dump({**good, "frobnicate": 1}))
+    (tmp / "nomodel.yaml").write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "model"}))
+    (tmp / "include.yaml").write_text(yaml.safe_dump({**good, "model": "models/nothere.yaml"}))
+    ro = tmp / "readonly"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True,
+                             check=False)
+    yield {"tmp": tmp, "ro": ro if mounted.returncode == 0 else None}
+    if mounted.returncode == 0:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as err:  # argparse
+        return err.code
+
+
+def _refuse_exec(plan) -> None:
+    raise AssertionError(f"launch would have started processes: {plan.shell()}")
+
+
+def _leftovers(tmp: Path) -> list[str]:
+    return [str(p) for p in (tmp / "runs", tmp / "mlflow.db", tmp / "out", tmp / "k8s") if p.exists()]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_naming_the_problem(case, inputs, capsys, monkeypatch):
+    argv, words, environment = CASES[case]
+    if "{ro}" in " ".join(argv) and inputs["ro"] is None:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); as root every directory is writable")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TRANSLUTION_FAULT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(launch_command, "execute", _refuse_exec)
+    argv = [a.format(**inputs) for a in argv]
+
+    code = _exit_code(argv)
+
+    captured = capsys.readouterr()
+    err = captured.err + captured.out  # `plan` reports on stdout
+    assert code == 2, err
+    assert all(word in err for word in words), err
+    assert "Traceback" not in err
+    assert not _leftovers(inputs["tmp"])
+    assert not inputs["ro"] or not any(inputs["ro"].iterdir())
+    assert not psutil.Process().children(recursive=True)
+
+
+def test_launch_refuses_missing_data_before_starting_processes(inputs, capsys, monkeypatch):
+    monkeypatch.setattr(launch_command, "execute", _refuse_exec)
+    argv = ["launch", FSDP.format(**inputs), "data.kind=image_folder", f"data.path={inputs['tmp']}/nodata",
+            "--nproc-per-node", "2"]
+    assert _exit_code(argv) == 2
+    assert "data: no index.json" in capsys.readouterr().err
+
+
+def test_real_commands_exit_2(inputs):
+    """What a shell sees: the exit status of the process, its message, and nothing left running."""
+    tmp = inputs["tmp"]
+    rows = [
+        (train_cmd(tmp / "extra.yaml"), "frobnicate: unknown key"),
+        (train_cmd(tmp / "good.yaml", "data.kind=image_folder", f"data.path={tmp}/nodata"), "data: no index.json"),
+        (launch_cmd(tmp / "fsdp.yaml", "parallel.dp_shard=3", nproc=2), "do not match the world size 2"),
+    ]
+    for cmd, words in rows:
+        result = run(cmd, expect=2, timeout=120)
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not _leftovers(tmp)

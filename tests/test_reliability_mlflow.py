@@ -1,0 +1,78 @@
+"""The MLflow server crashes mid-run and comes back on the same port and store: training goes on,
+and every metric it logged meanwhile reaches the server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+from reliability.harness import MlflowServer, lines_with, reap, start, train_cmd, write_config
+
+STEPS = 30
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_server_down_then_restarted_loses_no_metric(tmp_path, server, caplog, monkeypatch):
+    import mlflow
+
+    from translution_dist.train.tracking import HTTP_DEFAULTS, Tracker
+
+    for key, value in HTTP_DEFAULTS.items():  # what the probe tracker sets, undone after the test
+        monkeypatch.setenv(key, value)
+
+    config = write_config(tmp_path, "tracked", train={"steps": STEPS, "checkpoint_every": 10},
+                          tracking={"enabled": True, "uri": server.uri, "experiment": "outage"})
+    run_dir = tmp_path / "runs" / "tracked"
+    log_path = tmp_path / "train.log"
+    probe = Tracker(server.uri, "outage")
+    probe.start("probe", {})
+    with log_path.open("w") as log:
+        proc = start(train_cmd(config), stdout=log, stderr=log)
+        try:
+            _wait_for(run_dir / "mlflow_run_id", proc)
+            server.kill()  # from here on every call fails: refused connections
+
+            # the tracker queues instead of stalling (MLflow's client alone would retry for minutes)
+            began = time.monotonic()
+            probe.log_metrics({"x": 1.0}, step=1)
+            assert time.monotonic() - began < 5 and probe.pending == 1
+            with caplog.at_level(logging.ERROR):
+                assert probe.finish(wait_s=1) == 2  # the metric and the end of the run: reported as lost
+            assert any("could not be delivered" in r.message for r in caplog.records)
+
+            # training goes on to its end with the server down, then waits in its final flush ...
+            _wait_for(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE.json", proc)
+            os.kill(proc.pid, signal.SIGSTOP)  # ... held there while the server restarts (slowly, on 2 cores)
+            server.start()
+            os.kill(proc.pid, signal.SIGCONT)
+            assert proc.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+        finally:
+            reap(proc.marker, "tracked run")
+    text = log_path.read_text()
+    assert lines_with(text, "WARNING", "unreachable", "keeping")
+    assert lines_with(text, "reachable again; queued calls delivered")
+    assert not lines_with(text, "could not be delivered")
+
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for metric in ("loss", "lr", "grad_norm"):
+        assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, STEPS + 1)), metric
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "model")}
