@@ -75,3 +75,25 @@ def test_bank_round_trips_through_displacement_order():
     layer.load_bank("k", official)
     assert torch.equal(layer.bank("k").detach(), official)
     assert [chunk.rows for chunk in layer.score_banks] == [(0, 3), (3, 6), (6, 10)]
+
+
+@pytest.mark.parametrize("layout,n", [LAYOUTS[0], LAYOUTS[3]])
+def test_per_sample_bank_reference_is_the_same_function(layout, n):
+    """The benchmark's official-style baseline (a broadcast matmul per sample) computes what the others do."""
+    torch.manual_seed(0)
+    layer = TranslutionAttention(layout, dim=12, heads=3, dim_head=4).double()
+    _assert_matches(layer, lambda module, t: naive_translution(module, t, per_sample_bank=True), n)
+
+
+@pytest.mark.parametrize("relative", RELATIVE_SUBSETS)
+def test_bf16_autocast_runs_every_subset(relative):
+    """Under autocast a plain side arrives in bf16 and a relative one in fp32; both kernels take the mix."""
+    torch.manual_seed(0)
+    layer = TranslutionAttention(ImageGridLayout(3, 3), dim=12, heads=3, dim_head=4, relative=relative)
+    x = torch.randn(2, 10, 12, requires_grad=True)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.02)

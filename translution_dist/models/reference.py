@@ -3,7 +3,10 @@
 Written straight from the formulas, the way the official code computes them: the bank is
 gathered into an ``[N, N, C_in, C_out]`` tensor and per-pair queries, keys and values are
 formed for the whole sequence. Exact but ``O(N²·C·C')`` in memory; the tests use it as the
-ground truth and the benchmark as the baseline.
+ground truth and the benchmark as the baseline. With ``per_sample_bank`` the per-pair
+projections are one broadcast ``matmul`` of the tokens against the gathered bank, as the
+official code forms them, which copies the gathered bank for every sample
+(``O(B·N²·C·C')``): the figures the issue quotes for the official code come from that.
 
 It indexes query banks in the official order (``query_index``), converting this project's
 key-side storage with ``layout.mirror``, so it also checks that convention.
@@ -17,9 +20,12 @@ from torch import Tensor
 from translution_dist.models.attention import AlphaTranslutionAttention, RelativeAttentionBase, TranslutionAttention
 
 
-def _per_pair(x: Tensor, weight: Tensor, index: Tensor, token_axis: str) -> Tensor:
+def _per_pair(x: Tensor, weight: Tensor, index: Tensor, token_axis: str, per_sample_bank: bool = False) -> Tensor:
     """``[B, N, N, C_out]`` projections of token ``i`` (query side) or ``j`` (key side)."""
     gathered = weight[index.clamp(min=0)]  # [N, N, C_in, C_out]
+    if per_sample_bank:  # matmul broadcasts [1, N, N, C_in, C_out] to the batch by copying it
+        tokens = x[:, :, None, None] if token_axis == "i" else x[:, None, :, None]
+        return torch.matmul(tokens, gathered[None]).squeeze(3)
     return torch.einsum(f"b{token_axis}c,ijcd->bijd", x, gathered)
 
 
@@ -34,10 +40,10 @@ def _official_order(layer: RelativeAttentionBase, side: str) -> Tensor:
     return bank[layer.layout.mirror.to(bank.device)] if side == "q" else bank
 
 
-def _side(layer: TranslutionAttention, side: str, x: Tensor, index: Tensor) -> Tensor:
+def _side(layer: TranslutionAttention, side: str, x: Tensor, index: Tensor, per_sample_bank: bool) -> Tensor:
     token_axis = "i" if side == "q" else "j"
     if side in layer.relative:
-        return _per_pair(x, _official_order(layer, side), index, token_axis)
+        return _per_pair(x, _official_order(layer, side), index, token_axis, per_sample_bank)
     return _broadcast(getattr(layer, f"{side}_proj")(x), token_axis)
 
 
@@ -57,12 +63,12 @@ def _softmax(scores: Tensor, layout) -> Tensor:
     return torch.softmax(scores.masked_fill(key_index.to(scores.device) < 0, float("-inf")), dim=-1)
 
 
-def naive_translution(layer: TranslutionAttention, x: Tensor) -> Tensor:
+def naive_translution(layer: TranslutionAttention, x: Tensor, per_sample_bank: bool = False) -> Tensor:
     key_index, query_index = (t.to(x.device) for t in layer.layout.index_maps(x.shape[1]))
     h = layer.norm(x)
-    q = _side(layer, "q", h, query_index)
-    k = _side(layer, "k", h, key_index)
-    v = _side(layer, "v", h, key_index)
+    q = _side(layer, "q", h, query_index, per_sample_bank)
+    k = _side(layer, "k", h, key_index, per_sample_bank)
+    v = _side(layer, "v", h, key_index, per_sample_bank)
     attn = _softmax(_relative_scores(q, k, layer.dim_head) * layer.scale, layer.layout)
     return layer.out_proj(_weighted_values(attn, v))
 

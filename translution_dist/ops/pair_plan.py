@@ -7,11 +7,11 @@ product per displacement computes their projections. Displacements are grouped i
 (padded to their longest), which bounds the memory of one step by the chunk and turns the
 many small products into a few ``bmm`` calls.
 
-Chunks are runs of every other bank row. Layouts store heavy and light displacements
-interleaved (``RelativeLayout.storage_order``), so along each parity class of rows the pair
-count is monotone: a run then pads little, and its bank rows are a strided view of the bank
-(no copy of the weights). Where the cuts go is chosen by dynamic programming, trading padded
-pairs against a fixed cost per chunk.
+A chunk is a run of displacements in order of decreasing pair count, so it pads little;
+where the cuts go is chosen by dynamic programming, trading padded pairs against a fixed
+cost per chunk. When a chunk's bank rows happen to form an arithmetic progression (the
+storage order of a causal layout alternates light and heavy displacements, so most of its
+runs do) the operators use a strided view of the bank instead of gathering its rows.
 """
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ class PairChunk:
     def shape(self) -> tuple[int, int]:
         d, p = self.query_tokens.shape
         return d, p
+
+    # Derived views the operators use on every call (computed once per chunk).
+    @functools.cached_property
+    def query_index(self) -> torch.Tensor:
+        return self.query_tokens.flatten()
+
+    @functools.cached_property
+    def key_index(self) -> torch.Tensor:
+        return self.key_tokens.flatten()
+
+    @functools.cached_property
+    def bank_slice(self) -> slice | None:
+        return None if self.row_slice is None else slice(*self.row_slice)
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,11 @@ def pair_plan(
 
 @functools.lru_cache(maxsize=256)
 def _build_plan(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop: int) -> PairPlan:
+    with torch.device("cpu"):  # plans are CPU tensors (moved by ``PairPlan.to``), also under a meta default
+        return _plan_cpu(layout, n, max_pairs, start, stop)
+
+
+def _plan_cpu(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop: int) -> PairPlan:
     key_index, _ = layout.index_maps(n)
     flat_row = layout.storage_row[key_index.clamp(min=0)].flatten()
     in_range = (key_index.flatten() >= 0) & (flat_row >= start) & (flat_row < stop)
@@ -117,11 +135,8 @@ def _build_plan(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop
     firsts = (torch.cumsum(counts, 0) - counts).tolist()
     counts_list = counts.tolist()
 
-    groups = []
-    for parity in (0, 1):
-        rows = [r for r in range(parity, stop - start, 2) if counts_list[r] > 0]
-        rows = _longest_first(rows, counts_list)
-        groups += _cut(rows, counts_list, max_pairs)
+    rows = sorted((r for r in range(stop - start) if counts_list[r] > 0), key=lambda r: (-counts_list[r], r))
+    groups = _cut(rows, counts_list, max_pairs)
     chunks = [_make_chunk(sorted(g), counts_list, firsts, pair_ids, n) for g in groups]
     chunks.sort(key=lambda c: -c.flat_pairs.numel())  # largest first: scratch buffers are sized once
     return PairPlan(
@@ -131,16 +146,6 @@ def _build_plan(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop
         num_rows=stop - start,
         idle_rows=torch.nonzero(counts == 0).flatten(),
     )
-
-
-def _longest_first(rows: list[int], counts: list[int]) -> list[int]:
-    """``rows`` ordered by decreasing pair count, keeping row order where the count is monotone."""
-    along = [counts[r] for r in rows]
-    if all(a >= b for a, b in zip(along, along[1:])):
-        return rows
-    if all(a <= b for a, b in zip(along, along[1:])):
-        return rows[::-1]
-    return sorted(rows, key=lambda r: -counts[r])
 
 
 def _cut(rows: list[int], counts: list[int], max_pairs: int) -> list[list[int]]:

@@ -28,11 +28,11 @@ are strided views where the plan allows, and bank gradients are written, not acc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
-
 from torch.distributed.tensor import DTensor
 
 from translution_dist.ops.pair_plan import PairChunk, PairPlan
@@ -69,21 +69,30 @@ class _Scratch:
         self.buffers: dict[str, Tensor] = {}
 
     def __call__(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        """A contiguous ``shape`` view of buffer ``name`` (grown if needed)."""
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < numel:
             buffer = self.buffers[name] = self.like.new_empty(numel, dtype=dtype)
-        return buffer[:numel].view(shape)
+        return buffer.as_strided(shape, _contiguous_strides(shape))
 
 
-def _bank_rows(weight: Tensor, chunk: PairChunk, scratch: _Scratch, name: str, dtype: torch.dtype) -> Tensor:
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1]
+    for size in reversed(shape[1:]):
+        strides.append(strides[-1] * size)
+    return tuple(reversed(strides))
+
+
+def _bank_rows(weight: Tensor, chunk: PairChunk, scratch: _Scratch, side: str, dtype: torch.dtype) -> Tensor:
     """``[D, C_in, C_out]`` bank rows of a chunk: a view when they are a strided range."""
-    if chunk.row_slice is not None:
-        rows = weight[slice(*chunk.row_slice)]
+    if chunk.bank_slice is not None:
+        rows = weight[chunk.bank_slice]
     else:
-        rows = torch.index_select(weight, 0, chunk.rows, out=scratch(name, len(chunk.rows), *weight.shape[1:],
-                                                                       dtype=weight.dtype))
-    return rows.to(dtype)
+        out = scratch("w" + side, len(chunk.rows), *weight.shape[1:], dtype=weight.dtype)
+        rows = torch.index_select(weight, 0, chunk.rows, out=out)
+    return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 def _bank_grad(weight: Tensor | None, plan: PairPlan, needed: bool) -> Tensor | None:
@@ -95,47 +104,47 @@ def _bank_grad(weight: Tensor | None, plan: PairPlan, needed: bool) -> Tensor | 
     return grad.index_fill_(0, plan.idle_rows, 0)
 
 
-def _gather(x_t: Tensor, tokens: Tensor, out: Tensor) -> Tensor:
-    """Rows ``x_t[tokens]`` of a token- or pair-major tensor, written into ``out`` (returned)."""
-    torch.index_select(x_t, 0, tokens.flatten(), out=out.view(-1, *x_t.shape[1:]))
-    return out
+def _gather(x_t: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """Rows ``x_t[index]`` of a token- or pair-major tensor, written into ``out`` (returned)."""
+    return torch.index_select(x_t, 0, index, out=out)
 
 
-def _project(x_t: Tensor, weight: Tensor | None, tokens: Tensor, chunk: PairChunk, scratch: _Scratch,
+def _project(x_t: Tensor, weight: Tensor | None, index: Tensor, chunk: PairChunk, scratch: _Scratch,
              side: str) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(inputs, bank, outputs)``: ``[D, P·B, C]`` gathered inputs, bank rows and the projection."""
-    d, p = tokens.shape
+    d, p = chunk.shape
     b, c = x_t.shape[1:]
-    inputs = _gather(x_t, tokens, scratch(f"x{side}", d, p * b, c))
+    inputs = _gather(x_t, index, scratch("x" + side, d * p, b, c)).view(d, p * b, c)
     if weight is None:
         return inputs, None, inputs
-    bank = _bank_rows(weight, chunk, scratch, f"w{side}", x_t.dtype)
+    bank = _bank_rows(weight, chunk, scratch, side, x_t.dtype)
     return inputs, bank, torch.bmm(inputs, bank, out=scratch(side, d, p * b, weight.shape[-1]))
 
 
-def _project_backward(grad_outputs: Tensor, inputs: Tensor, bank: Tensor | None, tokens: Tensor,
-                      chunk: PairChunk, scratch: _Scratch, side: str, grad_t: Tensor,
+def _project_backward(grad_outputs: Tensor, inputs: Tensor, bank: Tensor | None, index: Tensor,
+                      chunk: PairChunk, scratch: _Scratch, free: str, grad_t: Tensor,
                       weight_grad: Tensor | None) -> None:
-    """Scatter-add the input gradient of a chunk's projection into ``grad_t``; write its bank rows' gradient."""
-    d, p = tokens.shape
+    """Scatter-add the input gradient of a chunk's projection into ``grad_t``; write its bank rows' gradient.
+
+    The input gradient goes to scratch buffer ``free``, one whose contents are dead by now.
+    """
     if bank is None:
         grad_inputs = grad_outputs
     else:
-        grad_inputs = torch.bmm(grad_outputs, bank.transpose(1, 2), out=scratch(f"gx{side}", *inputs.shape))
+        grad_inputs = torch.bmm(grad_outputs, bank.transpose(1, 2), out=scratch(free, *inputs.shape))
         if weight_grad is not None:
             _write_rows(weight_grad, chunk, inputs.transpose(1, 2), grad_outputs, scratch)
-    grad_t.index_add_(0, tokens.flatten(), grad_inputs.view(d * p, *grad_t.shape[1:]))
+    grad_t.index_add_(0, index, grad_inputs.view(len(index), *grad_t.shape[1:]))
 
 
 def _write_rows(weight_grad: Tensor, chunk: PairChunk, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
     """``weight_grad[chunk.rows] = a @ b``, straight into the gradient when its rows are contiguous."""
-    contiguous = chunk.row_slice is not None and chunk.row_slice[2] == 1 and weight_grad.dtype == a.dtype
-    if contiguous:
-        torch.bmm(a, b, out=weight_grad[slice(*chunk.row_slice)])
+    if chunk.bank_slice is not None and chunk.bank_slice.step == 1 and weight_grad.dtype == a.dtype:
+        torch.bmm(a, b, out=weight_grad[chunk.bank_slice])
         return
     rows_grad = torch.bmm(a, b, out=scratch("gw", a.shape[0], a.shape[1], b.shape[2]))
-    if chunk.row_slice is not None:
-        weight_grad[slice(*chunk.row_slice)].copy_(rows_grad)
+    if chunk.bank_slice is not None:
+        weight_grad[chunk.bank_slice].copy_(rows_grad)
     else:
         weight_grad.index_copy_(0, chunk.rows, rows_grad.to(weight_grad.dtype))
 
@@ -150,11 +159,11 @@ class _PairScores(torch.autograd.Function):
         scores_t = xq.new_zeros(n * n + 1, b, heads)
         scratch = _Scratch(xq)
         for chunk in plan.chunks:
-            d, p = chunk.shape
-            _, _, q = _project(xq_t, wq, chunk.query_tokens, chunk, scratch, "q")
-            _, _, k = _project(xk_t, wk, chunk.key_tokens, chunk, scratch, "k")
-            products = q.mul_(k).view(d * p, b, heads, -1)  # q is scratch, free to overwrite
-            scores_t.index_copy_(0, chunk.flat_pairs, torch.sum(products, -1, out=scratch("s", d * p, b, heads)))
+            pairs = chunk.flat_pairs
+            _, _, q = _project(xq_t, wq, chunk.query_index, chunk, scratch, "q")
+            _, _, k = _project(xk_t, wk, chunk.key_index, chunk, scratch, "k")
+            products = q.mul_(k).view(len(pairs), b, heads, -1)  # q is scratch, free to overwrite
+            scores_t.index_copy_(0, pairs, torch.sum(products, -1, out=scratch("s", len(pairs), b, heads)))
         ctx.save_for_backward(xq, xk, wq, wk)
         ctx.plan, ctx.heads, ctx.scale, ctx.shared = plan, heads, scale, xk is xq
         return _dense(scores_t, n).mul_(scale)
@@ -173,14 +182,15 @@ class _PairScores(torch.autograd.Function):
         gwk = _bank_grad(wk, plan, ctx.needs_input_grad[3])
         scratch = _Scratch(xq)
         for chunk in plan.chunks:
-            d, p = chunk.shape
-            xi, bank_q, q = _project(xq_t, wq, chunk.query_tokens, chunk, scratch, "q")
-            xj, bank_k, k = _project(xk_t, wk, chunk.key_tokens, chunk, scratch, "k")
-            g = _gather(grad_t, chunk.flat_pairs, scratch("g", d * p, b, heads)).unsqueeze(-1)
-            grad_q = torch.mul(k.view(d * p, b, heads, -1), g, out=scratch("gq", d * p, b, heads, k.shape[-1] // heads))
-            grad_k = q.view(d * p, b, heads, -1).mul_(g)  # q is not needed any more (nor xi, if q is xi)
-            _project_backward(grad_q.view(q.shape), xi, bank_q, chunk.query_tokens, chunk, scratch, "q", gxq_t, gwq)
-            _project_backward(grad_k.view(k.shape), xj, bank_k, chunk.key_tokens, chunk, scratch, "k", gxk_t, gwk)
+            pairs = len(chunk.flat_pairs)
+            xi, bank_q, q = _project(xq_t, wq, chunk.query_index, chunk, scratch, "q")
+            xj, bank_k, k = _project(xk_t, wk, chunk.key_index, chunk, scratch, "k")
+            g = _gather(grad_t, chunk.flat_pairs, scratch("g", pairs, b, heads)).unsqueeze(-1)
+            grad_q = torch.mul(k.view(pairs, b, heads, -1), g, out=scratch("gq", pairs, b, heads, k.shape[-1] // heads))
+            grad_k = q.view(pairs, b, heads, -1).mul_(g)  # q is not needed any more (nor xi, if q is xi)
+            # Input gradients reuse dead buffers (k, then grad_q): five row buffers in all, as in forward + 1.
+            _project_backward(grad_q.view(q.shape), xi, bank_q, chunk.query_index, chunk, scratch, "k", gxq_t, gwq)
+            _project_backward(grad_k.view(k.shape), xj, bank_k, chunk.key_index, chunk, scratch, "gq", gxk_t, gwk)
         grad_xk = None if ctx.shared else _batch_major(gxk_t, n)  # a shared input gets the sum once
         return _batch_major(gxq_t, n), grad_xk, gwq, gwk, None, None, None
 
@@ -194,11 +204,10 @@ class _PairValues(torch.autograd.Function):
         out_t = xv.new_zeros(n + 1, b, xv.shape[-1] if wv is None else wv.shape[-1])
         scratch = _Scratch(xv)
         for chunk in plan.chunks:
-            d, p = chunk.shape
-            _, _, v = _project(xv_t, wv, chunk.key_tokens, chunk, scratch, "v")
-            a = _gather(attn_t, chunk.flat_pairs, scratch("a", d * p, b, heads)).unsqueeze(-1)
-            weighted = v.view(d * p, b, heads, -1).mul_(a)  # v is scratch
-            out_t.index_add_(0, chunk.query_tokens.flatten(), weighted.view(d * p, b, -1))
+            pairs = len(chunk.flat_pairs)
+            _, _, v = _project(xv_t, wv, chunk.key_index, chunk, scratch, "v")
+            a = _gather(attn_t, chunk.flat_pairs, scratch("a", pairs, b, heads)).unsqueeze(-1)
+            out_t.index_add_(0, chunk.query_index, v.view(pairs, b, heads, -1).mul_(a).view(pairs, b, -1))
         ctx.save_for_backward(attn, xv, wv)
         ctx.plan = plan
         return _batch_major(out_t, n)
@@ -216,16 +225,30 @@ class _PairValues(torch.autograd.Function):
         gwv = _bank_grad(wv, plan, ctx.needs_input_grad[2])
         scratch = _Scratch(xv)
         for chunk in plan.chunks:
-            d, p = chunk.shape
-            xj, bank_v, v = _project(xv_t, wv, chunk.key_tokens, chunk, scratch, "v")
-            go = _gather(grad_out_t, chunk.query_tokens, scratch("go", d * p, b, grad_out.shape[-1]))
-            go = go.view(d * p, b, heads, -1)
-            products = v.view(d * p, b, heads, -1).mul_(go)  # v is not needed any more (nor xj, if v is xj)
-            grad_attn_t.index_copy_(0, chunk.flat_pairs, torch.sum(products, -1, out=scratch("ga", d * p, b, heads)))
-            a = _gather(attn_t, chunk.flat_pairs, scratch("a", d * p, b, heads)).unsqueeze(-1)
+            pairs = len(chunk.flat_pairs)
+            xj, bank_v, v = _project(xv_t, wv, chunk.key_index, chunk, scratch, "v")
+            go = _gather(grad_out_t, chunk.query_index, scratch("go", pairs, b, grad_out.shape[-1])).view(
+                pairs, b, heads, -1)
+            products = v.view(pairs, b, heads, -1).mul_(go)  # v is not needed any more (nor xj, if v is xj)
+            grad_attn_t.index_copy_(0, chunk.flat_pairs, torch.sum(products, -1, out=scratch("ga", pairs, b, heads)))
+            a = _gather(attn_t, chunk.flat_pairs, scratch("a", pairs, b, heads)).unsqueeze(-1)
             grad_v = go.mul_(a).view(v.shape)
-            _project_backward(grad_v, xj, bank_v, chunk.key_tokens, chunk, scratch, "v", gxv_t, gwv)
+            _project_backward(grad_v, xj, bank_v, chunk.key_index, chunk, scratch, "v", gxv_t, gwv)  # v is dead
         return _dense(grad_attn_t, n), _batch_major(gxv_t, n), gwv, None
+
+
+def _in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The kernels' inputs in one dtype: autocast's where it is on (as for a Linear), else their promoted type.
+
+    Under autocast a plain side arrives as a low-precision projection and a relative side as a
+    float32 LayerNorm output; the kernels compute in one dtype (banks are cast to it per chunk).
+    """
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _local(weight: Tensor | None) -> Tensor | None:
@@ -241,9 +264,11 @@ def pair_scores(
     banks ``wq``/``wk`` whose rows the plan names) or ``[B, N, C']`` projections of plain
     sides (weight ``None``).
     """
+    xq, xk = _in_compute_dtype(xq, xk)
     return _PairScores.apply(xq, xk, _local(wq), _local(wk), plan.to(xq.device), dim_head, scale)
 
 
 def pair_values(attn: Tensor, xv: Tensor, wv: Tensor | None, plan: PairPlan) -> Tensor:
     """``[B, N, C']`` outputs ``o_i = Σ_j a_ij·v_ij`` over the planned pairs, heads concatenated."""
+    attn, xv = _in_compute_dtype(attn, xv)
     return _PairValues.apply(attn, xv, _local(wv), plan.to(xv.device))
