@@ -13,7 +13,10 @@ of the data):
   backward), one reduce-scatter of fp32 gradients; HSDP adds an all-reduce of the gradient
   shard over the replicas. DeepSpeed shards over all ranks.
 * Head parallelism: four all-reduces of a block's ``B·N·C`` activations per layer and
-  micro-batch; displacement parallelism: two of ``B·N·(C + C'/tp)`` plus softmax statistics.
+  micro-batch; displacement parallelism: one of the partial outputs ``B·N·C'/tp`` (forward),
+  one of the bank input's gradient ``B·N·C`` (backward) and three of softmax statistics
+  ``B·N·h/tp`` (row maxima and sums, then ``Σ_j a_ij·dA_ij``) — measured equal in
+  ``benchmarks/bench_parallel.py``.
 * FSDP2 ``cpu_offload``: the fp32 shard is copied to the GPU for every all-gather and the
   gradient shard back once; the host runs AdamW over the shard.
 * DeepSpeed: offloaded parameters are copied in for every gather; an offloaded optimizer
@@ -107,5 +110,5 @@ def step_cost(cfg: Config, layout: ParallelConfig, procs_per_node: int) -> StepC
         collective(4 * d.depth * tokens * d.dim * act * 2 * (layout.tp - 1) / layout.tp, layout.tp)
     if layout.dispp > 1:
         width = d.dim + d.heads * d.dim_head // layout.tp + 3 * d.heads // layout.tp
-        collective(2 * d.depth * tokens * width * FP32 * 2 * (layout.dispp - 1) / layout.dispp, mp)
+        collective(d.depth * tokens * width * FP32 * 2 * (layout.dispp - 1) / layout.dispp, mp)
     return StepCost(int(paths["inter"]), int(paths["intra"]), int(pcie), int(nvme), int(updates))
