@@ -2,7 +2,7 @@
 
 Each takes PATH: a run directory, its ``checkpoints/`` or one ``step_XXXXXXXX/``; for the first
 two the newest complete, verified checkpoint is used (and named). Nothing here starts a
-process group; the tools read the DCP checkpoints that engine=fsdp/none runs write.
+process group; the tools read the DCP checkpoints that every engine (fsdp, none, deepspeed) writes.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ if TYPE_CHECKING:
 RESHARD_HELP = (
     "Rewrite a checkpoint for another model.bank_chunks, the one layout change the loader cannot make "
     "(bank parameter names and shapes change; optimizer moments are regrouped with them). Other changes need "
-    "no offline step: DCP stores global shapes, so a run resumes under any dp_replicate/dp_shard/tp/dispp "
+    "no offline step: DCP stores global shapes, so a run resumes under any engine, dp_replicate/dp_shard/tp/dispp "
     "degrees and world size by itself. The output is a new run directory DIR (config.yaml with the new "
-    "settings, checkpoints/step_XXXXXXXX/); continue with `translution train DIR/config.yaml`. DeepSpeed "
-    "checkpoints are not converted (engine=deepspeed does not write checkpoints yet). The whole checkpoint "
+    "settings, checkpoints/step_XXXXXXXX/); continue with `translution train DIR/config.yaml`. The whole checkpoint "
     "(model and optimizer) is held in host memory while converting; the rank files (RNG, data position) are kept, "
     "so a run at the source's world size continues exactly.")
 

@@ -75,8 +75,7 @@ def _problem(step_dir: Path, check_sums: bool) -> str | None:
     else:
         problem = None if (step_dir / MARKER).is_file() else "no completion marker (the write was interrupted)"
     if problem is None and not (step_dir / "dcp" / ".metadata").is_file():
-        problem = ("no DCP state (dcp/.metadata); these tools read the DCP checkpoints of the fsdp/none engines "
-                   "only")
+        problem = "no DCP state (dcp/.metadata), which every engine's checkpoint holds"
     return problem
 
 

@@ -5,8 +5,8 @@ model is constructed under ``deepspeed.zero.Init``, so every module's parameters
 partitioned as soon as that module is built (each rank briefly holds one module's weights,
 one bank chunk side or one plain layer, never the model), and the random initialisation
 equals the single-process one of the same seed: every rank draws the full tensor, then keeps
-its part. Consolidate a checkpoint offline (``deepspeed.utils.zero_to_fp32``); nothing here
-gathers the whole model on one rank.
+its part. Nothing here gathers the whole model on one rank; the trainer's checkpoints of this
+engine are the DCP checkpoints of the others (``translution_dist.train.deepspeed_checkpoint``).
 
 Gather granularity: DeepSpeed fetches a module's *own* parameters in its forward, but a bank
 chunk uses the weights of its ``DisplacementBank`` children without calling them, so the

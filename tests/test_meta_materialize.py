@@ -12,13 +12,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from test_parallel_fsdp import fsdp_layout, global_batches, loss_of, tiny_config
 from torch.distributed.tensor import DTensor
 
 from parallelism import ParallelConfig, build_mesh, parallelize
 from parallelism.fsdp import apply_fsdp
 from parallelism.materialize import full_bytes, local_numel, materialize, shard_bytes
 from parallelism.testing import run_in_processes
-from test_parallel_fsdp import fsdp_layout, global_batches, loss_of, tiny_config
 from translution_dist.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_parallel_fsdp import MICRO_BATCH, assert_same, case, global_batches, loss_of, mean_over_ranks, tiny_config
 from torch import nn
 
 from parallelism.bank_memory import BankGatherProbe
 from parallelism.config import ParallelConfig
 from parallelism.deepspeed_engine import DEFAULT_NVME_BUFFER, build_deepspeed_engine, deepspeed_config, parameter_sizes
 from parallelism.testing import run_in_processes
-from test_parallel_fsdp import MICRO_BATCH, assert_same, case, global_batches, loss_of, mean_over_ranks, tiny_config
 from translution_dist.config import OptimSection
 from translution_dist.models import ModelConfig, build_model
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_parallel_fsdp import case, tiny_config, train_and_compare
 
 from parallelism import ParallelConfig, build_mesh, data_parallel_coordinates, parallelize
 from parallelism.bank_memory import BankGatherProbe
 from parallelism.materialize import load_full_state
 from parallelism.testing import run_in_processes
-from test_parallel_fsdp import case, tiny_config, train_and_compare
 from translution_dist.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

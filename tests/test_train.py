@@ -72,6 +72,21 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_async_checkpoints_under_bf16_resume_bitwise_at_two_processes(tmp_path):
+    """Asynchronous DCP writes (completed before the next save) and bf16 autocast: resume is still exact."""
+    sections = {"parallel": {"engine": "fsdp", "dp_shard": 2}, "train": {"async_checkpoint": True, "precision": "bf16"}}
+    _train(_config(tmp_path, "straight", **sections), nproc=2)
+    interrupted = _config(tmp_path, "interrupted", **sections)
+    _train(interrupted, nproc=2)
+    checkpoints = tmp_path / "runs" / "interrupted" / "checkpoints"
+    for step in ("step_00000004", "step_00000006"):
+        subprocess.run(["rm", "-r", str(checkpoints / step)], check=True)
+    result = _train(interrupted, nproc=2)
+    assert "step_00000002" in result.stderr
+    a, b = _final_model(tmp_path / "runs" / "straight"), _final_model(tmp_path / "runs" / "interrupted")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_corrupted_checkpoint_is_skipped(tmp_path):
     config = _config(tmp_path, "corrupt", train={"steps": 4})
     _train(config)

@@ -1,14 +1,16 @@
 """The trainer's engine interface over DeepSpeed ZeRO-3 (``parallel.engine: deepspeed``).
 
-DeepSpeed owns gathering, gradient reduction, clipping, the optimizer (offloaded to CPU or
-NVMe as configured) and its own checkpoint files, which the trainer's atomic checkpoint
-protocol wraps like DCP's. A DeepSpeed checkpoint reloads at the world size it was written
-at; DeepSpeed's universal checkpoints (``python -m deepspeed.checkpoint.ds_to_universal``)
-cover other sizes.
+DeepSpeed owns gathering, gradient reduction, clipping and the optimizer (offloaded to CPU or
+NVMe as configured). Its checkpoints are the DCP checkpoints every engine writes
+(:mod:`translution_dist.train.deepspeed_checkpoint`), wrapped by the trainer's atomic
+protocol: any engine resumes them at any world size, and this one resumes theirs. They are
+written synchronously: ``train.async_checkpoint`` does not apply (each parameter is gathered
+by collectives of the training thread before anything is written).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,13 +21,12 @@ from torch import nn
 
 from parallelism.deepspeed_engine import build_deepspeed_engine
 from translution_dist.config import Config
-from translution_dist.train.checkpoint import CheckpointError
-from translution_dist.train.engine import DistContext, StepResult, all_reduce_mean
+from translution_dist.train import deepspeed_checkpoint
+from translution_dist.train.engine import DistContext, StepResult, all_reduce_mean, build_adamw
 from translution_dist.train.schedule import warmup_cosine
 from translution_dist.train.tasks import StepOutput
 
-CHECKPOINT_DIR = "deepspeed"
-CHECKPOINT_TAG = "state"
+log = logging.getLogger(__name__)
 
 
 class DeepSpeedTrainEngine:
@@ -45,6 +46,10 @@ class DeepSpeedTrainEngine:
             grad_accum=cfg.train.grad_accum, precision=cfg.train.precision, lr_scheduler=schedule,
             cpu_adam=torch.cuda.is_available())
         self.model = self.engine
+        self._torch_adamw_defaults = build_adamw([nn.Parameter(torch.zeros(1))], optim).defaults
+        if cfg.train.async_checkpoint and ctx.is_main:
+            log.warning("train.async_checkpoint does not apply to parallel.engine=deepspeed: its checkpoints are "
+                        "written synchronously")
 
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]
@@ -75,19 +80,12 @@ class DeepSpeedTrainEngine:
                           samples, tokens, False, None)
 
     def save_state(self, path: Path, asynchronous: bool) -> Future | None:
-        self.engine.save_checkpoint(str(path / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
+        """Write ``path/dcp`` now, whatever ``asynchronous`` says (see the module docstring)."""
+        deepspeed_checkpoint.save(self.engine, path, self._torch_adamw_defaults)
         return None
 
     def load_state(self, path: Path) -> None:
-        if not (path / CHECKPOINT_DIR).is_dir():
-            raise CheckpointError(f"{path} holds no DeepSpeed state (written by engine fsdp/none); convert it with "
-                                  "`translution ckpt export` and start from the weights, or resume with that engine")
-        try:
-            self.engine.load_checkpoint(str(path / CHECKPOINT_DIR), tag=CHECKPOINT_TAG)
-        except (RuntimeError, AssertionError, ValueError) as err:
-            raise CheckpointError(f"DeepSpeed could not load {path}: {err}; a DeepSpeed checkpoint reloads at the "
-                                  "world size it was written at (python -m deepspeed.checkpoint.ds_to_universal "
-                                  "converts it for others)") from err
+        deepspeed_checkpoint.load(self.engine, path)
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.engine.lr_scheduler.state_dict()

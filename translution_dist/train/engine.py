@@ -16,15 +16,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
-from translution_dist.config import Config
+from translution_dist.config import Config, OptimSection
 from translution_dist.train.grad_norm import clip_grad_norm
 from translution_dist.train.schedule import warmup_cosine
 from translution_dist.train.tasks import StepOutput
@@ -89,7 +89,7 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def _nonfinite_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, limit: int = 5) -> str:
-    """Where the gradients are not finite: ``param group G (name, …)`` per optimizer group, names capped at ``limit``."""
+    """Where the gradients are not finite: ``param group G (name, …)`` per optimizer group, ``limit`` names each."""
     names = {p: name for name, p in model.named_parameters()}
     groups = []
     for index, group in enumerate(optimizer.param_groups):
@@ -102,12 +102,21 @@ def _nonfinite_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, lim
     return "; ".join(groups)
 
 
-def _parameter_groups(model: nn.Module) -> list[dict[str, list[nn.Parameter]]]:
-    """Sharded (DTensor) and plain parameters in separate groups: the foreach kernels cannot
-    mix them, which happens when tp/dispp run without FSDP."""
+def build_adamw(params: list, optim: OptimSection, foreach: bool = True) -> torch.optim.AdamW:
+    """The torch engines' optimizer; its param group is also what a DeepSpeed checkpoint records."""
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                             foreach=foreach)
+
+
+def _adamw_for(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    """AdamW over the model's parameters in one group, as every engine's checkpoint records them.
+
+    tp/dispp without FSDP leave some parameters plain next to the DTensors; the foreach kernels
+    cannot mix the two, so such a model steps parameter by parameter (the same arithmetic).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
-    return [{"params": group} for group in groups if group]
+    mixed = len({isinstance(p, DTensor) for p in params}) > 1
+    return build_adamw(params, optim, foreach=not mixed)
 
 
 class TorchEngine:
@@ -118,13 +127,23 @@ class TorchEngine:
         self.ctx = ctx
         self.model = model
         optim = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            _parameter_groups(model), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-            weight_decay=optim.weight_decay, foreach=True)
+        self.optimizer = _adamw_for(model, optim)
         self.scheduler = warmup_cosine(self.optimizer, lr=optim.lr, min_lr=optim.min_lr,
                                        warmup_steps=optim.warmup_steps, total_steps=cfg.train.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16"
                                            and ctx.device.type == "cuda")
+        self._async_group: dist.ProcessGroup | None = None
+
+    def _checkpoint_group(self) -> dist.ProcessGroup:
+        """A gloo group of all ranks for asynchronous saves (made once, collectively, on first use).
+
+        ``dcp.async_save`` finishes its collectives from a background thread; on the training
+        group they would interleave with the next step's and desynchronise it (gloo aborts with
+        a size mismatch), so they get a group of their own, on the CPU where the staged copy lives.
+        """
+        if self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -167,14 +186,17 @@ class TorchEngine:
     def save_state(self, path: Path, asynchronous: bool) -> Future | None:
         state = self._state()
         if asynchronous and dist.is_initialized():
-            return dcp.async_save(state, checkpoint_id=str(path / "dcp"))
+            return dcp.async_save(state, checkpoint_id=str(path / "dcp"), process_group=self._checkpoint_group())
         dcp.save(state, checkpoint_id=str(path / "dcp"))
         return None
 
     def load_state(self, path: Path) -> None:
         state = self._state()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
+        foreach = [group["foreach"] for group in self.optimizer.param_groups]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for group, value in zip(self.optimizer.param_groups, foreach):  # how to step is this layout's choice
+            group["foreach"] = value
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()

@@ -18,9 +18,10 @@ from parallelism import build_mesh, data_parallel_coordinates, init_distributed,
 from parallelism.materialize import materialize
 from translution_dist.config import Config, ConfigError
 from translution_dist.data.loader import build_dataloader
+from translution_dist.data.sources import open_source
 from translution_dist.models import build_model
 from translution_dist.train.engine import DistContext, Engine, TorchEngine
-from translution_dist.train.trainer import Trainer, TrainResult, write_run_dir
+from translution_dist.train.trainer import FAULT_ENV, Trainer, TrainResult, parse_faults, write_run_dir
 
 log = logging.getLogger("translution.train")
 
@@ -32,6 +33,7 @@ def _configure_logging(rank: int) -> None:
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Refuse, before any process group or directory exists, a layout this process cannot run (exit code 2)."""
+    parse_faults(os.environ.get(FAULT_ENV, ""))
     try:
         layout = cfg.parallel.resolve(world_size)
         cfg.parallel.check_model(cfg.model)
@@ -79,6 +81,16 @@ def build_engine(cfg: Config, ctx: DistContext) -> Engine:
         torch.manual_seed(cfg.run.seed)
         return DeepSpeedTrainEngine(cfg, ctx, lambda: build_model(cfg.model))
     return TorchEngine(cfg, ctx, build_sharded_model(cfg, ctx))
+
+
+def check_data(cfg: Config) -> None:
+    """Open the configured splits, so that missing or mismatched data is refused before any process starts."""
+    try:
+        open_source(cfg.data, "train")
+        if cfg.train.eval_batches:
+            open_source(cfg.data, "test")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
 
 
 def build_loaders(cfg: Config, ctx: DistContext) -> dict:
