@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine: install, build Dynamic MNIST shards, train an
+# The main job, end to end on a fresh machine: install, build Static MNIST shards, train an
 # α-Translution ViT on 2 local CPU processes (FSDP2 over gloo), track the run in runs/mlflow.db.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-[ -f data/mnist-dynamic/index.json ] || .venv/bin/translution data mnist data/mnist-dynamic --mode dynamic
+[ -f data/mnist-static/index.json ] || .venv/bin/translution data mnist data/mnist-static --mode static
 .venv/bin/translution launch configs/quickstart.yaml --nproc-per-node "${NPROC:-2}" "$@"
 cat <<MSG
 

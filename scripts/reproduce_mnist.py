@@ -50,7 +50,7 @@ def train(kind: str, mode: str, data: Path, args: argparse.Namespace) -> Path:
     overrides = [f"run.name={name}", f"run.output_dir={args.out}", f"model=configs/models/mnist_vit_{kind}.yaml",
                  f"data.path={data}", f"train.steps={args.steps}", f"train.micro_batch_size={args.batch}",
                  "train.eval_batches=0", "train.checkpoint_every=0", "parallel.engine=none",
-                 f"tracking.experiment=reproduce-mnist", f"optim.lr={args.lr}", f"optim.warmup_steps={args.steps // 10}"]
+                 "tracking.experiment=reproduce-mnist", f"optim.lr={args.lr}", f"optim.warmup_steps={args.steps // 10}"]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "launcher.cli", "train", "configs/quickstart.yaml", *overrides], check=True,
                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
