@@ -548,15 +548,16 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(path: Path, text: str, report: dict) -> None:
-    """Replace the generated section of ``path`` (between the markers), keeping the prose around it."""
-    block = f"{DOCS_BEGIN}\n{text}\n\n<details><summary>raw figures (JSON)</summary>\n\n```json\n" \
-            f"{json.dumps(report, indent=1)}\n```\n</details>\n{DOCS_END}"
-    old = path.read_text() if path.exists() else f"# Benchmarks\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
-    if DOCS_BEGIN not in old:
-        old = old.rstrip() + f"\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
-    head, rest = old.split(DOCS_BEGIN, 1)
-    tail = rest.split(DOCS_END, 1)[1]
+def write_docs(path: Path, text: str, report: dict, markers: tuple[str, str] = (DOCS_BEGIN, DOCS_END)) -> None:
+    """Replace the generated section of ``path`` (between ``markers``), keeping the prose around it."""
+    begin, end = markers
+    block = f"{begin}\n{text}\n\n<details><summary>raw figures (JSON)</summary>\n\n```json\n" \
+            f"{json.dumps(report, indent=1)}\n```\n</details>\n{end}"
+    old = path.read_text() if path.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in old:
+        old = old.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = old.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     path.write_text(head + block + tail)
 
 

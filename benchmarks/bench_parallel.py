@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from bench_ops import QUIET_CORES, _machine_busy_seconds, _own_cpu_seconds, machine
+from bench_ops import QUIET_CORES, _machine_busy_seconds, _own_cpu_seconds, machine, write_docs
 
 if TYPE_CHECKING:
     from translution_dist.config import Config
@@ -384,7 +384,7 @@ def main() -> None:
     print(f"wrote {args.out}")
     docs = args.docs if args.docs is not None else (None if args.quick or args.only else DOCS)
     if docs is not None:
-        write_docs(docs, text, report)
+        write_docs(docs, text, report, (DOCS_BEGIN, DOCS_END))
         print(f"refreshed {docs}")
 
 
@@ -474,18 +474,6 @@ def render(report: dict) -> str:
     lines += ["", f"Times are the slowest rank's, per step. † other processes used ≥ {QUIET_CORES} cores during the "
                   f"timed steps ({len(disturbed)} of {len(ok)} layouts): those times are disturbed."]
     return "\n".join(lines)
-
-
-def write_docs(path: Path, text: str, report: dict) -> None:
-    """Replace the generated section of ``path`` (between the markers), keeping the prose around it."""
-    block = f"{DOCS_BEGIN}\n{text}\n\n<details><summary>raw figures (JSON)</summary>\n\n```json\n" \
-            f"{json.dumps(report, indent=1)}\n```\n</details>\n{DOCS_END}"
-    old = path.read_text() if path.exists() else f"# Benchmarks\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
-    if DOCS_BEGIN not in old:
-        old = old.rstrip() + f"\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
-    head, rest = old.split(DOCS_BEGIN, 1)
-    tail = rest.split(DOCS_END, 1)[1]
-    path.write_text(head + block + tail)
 
 
 if __name__ == "__main__":

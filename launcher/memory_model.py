@@ -157,10 +157,10 @@ class Precision:
 
     def probs(self, model: ModelConfig, layout: ParallelConfig) -> int:
         """Element size of the softmax probabilities: the distributed softmax keeps fp32; else
-        the scores' dtype (the norm output the kernels read, α's low-precision dense term)."""
+        the scores' dtype (the kernels compute in autocast's dtype, as α's dense term does)."""
         if layout.dispp > 1 or self.softmax_fp32:
             return FP32
-        return self.linear_out if model.attention == "alpha" else self.norm
+        return self.linear_out
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,9 @@ def block_activation_bytes(model: ModelConfig, layout: ParallelConfig, s: Shapes
     ff = s.dim * p.resid + s.dim * p.linear_in + 2 * s.mlp * p.linear_out
     if model.attention == "translution":
         plain = 3 - len(model.relative)
-        xn = s.dim * p.norm if model.relative else 0  # the banks' input, shared by all relative sides
-        plain_inputs = plain * s.dim * p.linear_in if p.autocast else (s.dim * p.norm if not model.relative else 0)
-        attn = s.dim * p.resid + xn + plain_inputs + plain * s.inner * p.linear_out + s.inner * p.linear_in
+        # The norm output, in the compute dtype (one autocast copy), is the input of every side, bank or Linear.
+        inputs = s.dim * (p.linear_in if p.autocast else p.norm)
+        attn = s.dim * p.resid + inputs + plain * s.inner * p.linear_out + s.inner * p.linear_in
     elif model.attention == "alpha":
         copies = 4 if p.autocast else 1  # qkv_proj and the three down projections read the norm output
         attn = (s.dim * p.resid + copies * s.dim * p.linear_in + 3 * s.inner * p.linear_out

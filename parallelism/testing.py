@@ -30,6 +30,14 @@ from parallelism.mesh import build_mesh, init_distributed
 from translution_dist.models import ModelConfig, build_model
 
 
+def prepare_deepspeed_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator, its JIT-built ops cached in the repository's ``.venv`` (call before importing it)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    venv = Path(__file__).resolve().parents[1] / ".venv"
+    if venv.is_dir():
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(venv / "torch_extensions"))
+
+
 def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")

@@ -35,6 +35,7 @@ PAPER = {  # Static→Static, Dynamic→Dynamic, Static→Dynamic top-1 (%), fro
     "translution": (98.60, 97.35, 36.40),
 }
 NAMES = {"self_attention": "Self-attention", "alpha": "α-Translution", "translution": "Translution"}
+NOTES = "<!-- notes: written by hand, kept when the table above is regenerated -->"
 
 
 def build_data(root: Path, mode: str, train_samples: int) -> Path:
@@ -98,7 +99,10 @@ Command: `python scripts/reproduce_mnist.py {' '.join(sys.argv[1:])}` on {platfo
 {os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}; {seconds / 60:.0f} minutes in all.
 Raw figures: `docs/results.json`.
 """
-    (ROOT / "docs" / "results.md").write_text(text)
+    out = ROOT / "docs" / "results.md"
+    previous = out.read_text() if out.exists() else ""
+    notes = previous[previous.index(NOTES):] if NOTES in previous else f"{NOTES}\n"
+    out.write_text(text + "\n" + notes)
     (ROOT / "docs" / "results.json").write_text(json.dumps(
         {"results": results, "paper": PAPER, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 

@@ -20,7 +20,6 @@ CPU cores, 7–20 s per group of processes, DeepSpeed's start-up most of it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from launcher.cli import main
-from parallelism.testing import run_in_processes, tiny_batch
+from parallelism.testing import prepare_deepspeed_on_cpu, run_in_processes, tiny_batch
 from translution_dist.config import Config
 from translution_dist.train import deepspeed_checkpoint
 from translution_dist.train.checkpoint import CheckpointManager
@@ -42,10 +41,7 @@ from translution_dist.train.engine import DistContext, Engine
 from translution_dist.train.run import build_engine, setup
 from translution_dist.train.tasks import task_for
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tests run on CPU over gloo
-_VENV = Path(__file__).resolve().parents[1] / ".venv"
-if _VENV.is_dir():
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_VENV / "torch_extensions"))
+prepare_deepspeed_on_cpu()  # the tests run on CPU over gloo
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -9,9 +9,7 @@ that venv exists (as in CI), else torch's ``~/.cache/torch_extensions``.
 
 from __future__ import annotations
 
-import os
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +20,11 @@ from torch import nn
 from parallelism.bank_memory import BankGatherProbe
 from parallelism.config import ParallelConfig
 from parallelism.deepspeed_engine import DEFAULT_NVME_BUFFER, build_deepspeed_engine, deepspeed_config, parameter_sizes
-from parallelism.testing import run_in_processes
+from parallelism.testing import prepare_deepspeed_on_cpu, run_in_processes
 from translution_dist.config import OptimSection
 from translution_dist.models import ModelConfig, build_model
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tests run on CPU over gloo
-_VENV = Path(__file__).resolve().parents[1] / ".venv"
-if _VENV.is_dir():
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_VENV / "torch_extensions"))
+prepare_deepspeed_on_cpu()  # the tests run on CPU over gloo
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -68,8 +68,6 @@ VARIANTS = [
 @pytest.mark.parametrize(("arch", "attention", "extra"), VARIANTS,
                          ids=[f"{a}-{b}-{''.join(c.values()) or 'qkv'}" for a, b, c in VARIANTS])
 def test_saved_activations_match_the_formulas(arch, attention, extra, precision):
-    if precision == "bf16" and extra.get("relative", "qkv") != "qkv":
-        pytest.skip("the relative kernels do not mix a bf16 plain projection with an fp32 bank input")
     shape = dict(context_length=32, vocab_size=50) if arch == "gpt" else dict(
         image_size=24, patch_size=4, channels=1, num_classes=10)
     cfg = ModelConfig(arch=arch, attention=attention, dim=24, depth=2, heads=3, dim_head=8, mlp_dim=40, alpha_rank=2,

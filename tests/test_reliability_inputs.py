@@ -138,6 +138,7 @@ def test_bad_input_exits_2_naming_the_problem(case, inputs, capsys, monkeypatch)
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(launch_command, "execute", _refuse_exec)
     argv = [a.format(**inputs) for a in argv]
+    before = {child.pid for child in psutil.Process().children(recursive=True)}  # e.g. multiprocessing's helpers
 
     code = _exit_code(argv)
 
@@ -148,7 +149,7 @@ def test_bad_input_exits_2_naming_the_problem(case, inputs, capsys, monkeypatch)
     assert "Traceback" not in err
     assert not _leftovers(inputs["tmp"])
     assert not inputs["ro"] or not any(inputs["ro"].iterdir())
-    assert not psutil.Process().children(recursive=True)
+    assert not {child.pid for child in psutil.Process().children(recursive=True)} - before
 
 
 def test_launch_refuses_missing_data_before_starting_processes(inputs, capsys, monkeypatch):

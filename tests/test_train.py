@@ -15,6 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from parallelism.testing import prepare_deepspeed_on_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"arch": "vit", "attention": "alpha", "dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "mlp_dim": 32,
          "alpha_rank": 2, "image_size": 12, "patch_size": 4, "channels": 1, "num_classes": 10}
@@ -174,7 +176,7 @@ def test_run_is_read_back_from_a_real_mlflow_server(tmp_path, mlflow_server):
 
 
 def test_deepspeed_run_resumes_exactly(tmp_path):
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    prepare_deepspeed_on_cpu()  # for the launched processes
     layout = {"engine": "deepspeed", "dp_shard": -1, "offload_param": "cpu", "offload_optimizer": "cpu"}
     straight = _config(tmp_path, "ds-straight", parallel=layout, train={"steps": 4, "checkpoint_every": 2})
     _train(straight, nproc=2)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from translution_dist.ops import (
     DisplacementBank,
     RelativeLayout,
+    in_compute_dtype,
     pair_plan,
     pair_scores,
     pair_values,
@@ -126,9 +127,11 @@ class RelativeAttentionBase(nn.Module):
         ) if "v" in sides else None
 
     def _relative_scores(self, xq: Tensor, xk: Tensor, scale: float) -> Tensor:
+        xq, xk = in_compute_dtype(xq, xk)  # once for every chunk (under autocast: one low-precision copy)
         return _sum(chunk(xq, xk, scale) for chunk in self.score_banks)
 
     def _relative_values(self, attn: Tensor, xv: Tensor) -> Tensor:
+        attn, xv = in_compute_dtype(attn, xv)
         return _sum(chunk(attn, xv) for chunk in self.value_banks)
 
     def bank(self, side: str) -> Tensor:
@@ -190,7 +193,7 @@ class TranslutionAttention(RelativeAttentionBase):
         return x if side in self.relative else getattr(self, f"{side}_proj")(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.norm(x)
+        (x,) = in_compute_dtype(self.norm(x))  # under autocast one low-precision copy serves every side
         xq, xk, xv = (self._plain(side, x) for side in "qkv")
         if self.score_banks is None:
             scores = _split_heads(xq, self.dim_head) @ _split_heads(xk, self.dim_head).transpose(-1, -2) * self.scale

@@ -3,7 +3,7 @@
 from translution_dist.ops.bank import DisplacementBank
 from translution_dist.ops.layouts import CausalLayout, ImageGridLayout, RelativeLayout
 from translution_dist.ops.pair_plan import PairChunk, PairPlan, pair_plan, pairs_per_chunk
-from translution_dist.ops.relative_attention import pair_scores, pair_values
+from translution_dist.ops.relative_attention import in_compute_dtype, pair_scores, pair_values
 
 __all__ = [
     "CausalLayout",
@@ -12,6 +12,7 @@ __all__ = [
     "PairChunk",
     "PairPlan",
     "RelativeLayout",
+    "in_compute_dtype",
     "pair_plan",
     "pairs_per_chunk",
     "pair_scores",

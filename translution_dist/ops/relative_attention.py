@@ -237,18 +237,23 @@ class _PairValues(torch.autograd.Function):
         return _dense(grad_attn_t, n), _batch_major(gxv_t, n), gwv, None
 
 
-def _in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+def in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The kernels' inputs in one dtype: autocast's where it is on (as for a Linear), else their promoted type.
 
     Under autocast a plain side arrives as a low-precision projection and a relative side as a
     float32 LayerNorm output; the kernels compute in one dtype (banks are cast to it per chunk).
+    The same tensor passed twice stays one tensor (a shared query/key input is recognised by identity).
     """
     device = tensors[0].device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    return tuple(t.to(dtype) for t in tensors)
+    cast: dict[int, Tensor] = {}
+    for t in tensors:
+        if id(t) not in cast:
+            cast[id(t)] = t.to(dtype)
+    return tuple(cast[id(t)] for t in tensors)
 
 
 def _local(weight: Tensor | None) -> Tensor | None:
@@ -264,11 +269,11 @@ def pair_scores(
     banks ``wq``/``wk`` whose rows the plan names) or ``[B, N, C']`` projections of plain
     sides (weight ``None``).
     """
-    xq, xk = _in_compute_dtype(xq, xk)
+    xq, xk = in_compute_dtype(xq, xk)
     return _PairScores.apply(xq, xk, _local(wq), _local(wk), plan.to(xq.device), dim_head, scale)
 
 
 def pair_values(attn: Tensor, xv: Tensor, wv: Tensor | None, plan: PairPlan) -> Tensor:
     """``[B, N, C']`` outputs ``o_i = Σ_j a_ij·v_ij`` over the planned pairs, heads concatenated."""
-    attn, xv = _in_compute_dtype(attn, xv)
+    attn, xv = in_compute_dtype(attn, xv)
     return _PairValues.apply(attn, xv, _local(wv), plan.to(xv.device))
