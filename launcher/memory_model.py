@@ -394,7 +394,9 @@ def _torch(c: Census, layout: ParallelConfig, p: Precision, acts: Activations, w
            shard: int, grad_accum: int) -> tuple[tuple[Term, ...], tuple[Phase, ...]]:
     """Plain PyTorch (engine none) and FSDP2: the trainer's ``TorchEngine``.
 
-    Its AdamW runs the foreach kernels, whose one temporary is ``sqrt(v)`` of every parameter.
+    Its AdamW runs the foreach kernels, whose one temporary is ``sqrt(v)`` of every parameter;
+    tp/dispp without FSDP mix DTensors and plain tensors, which step one at a time: ``sqrt(v)``
+    and its scaled copy, two temporaries of the largest parameter.
     With ``grad_accum > 1`` the trainer turns FSDP2's gradient reduction off for all but the
     last micro-batch, so every unit's *unsharded* gradient (fp32) is kept on the device
     until then.
@@ -404,7 +406,12 @@ def _torch(c: Census, layout: ParallelConfig, p: Precision, acts: Activations, w
     persistent = (Term("parameters (fp32 shard)", params, states),
                   Term("optimizer states (AdamW m, v)", 2 * params, states))
     grads = Term("gradients (fp32 shard)", params, states)
-    optimizer = Phase("optimizer step", (grads, Term("optimizer temporaries (foreach sqrt(v))", params, states)))
+    if layout.engine == "none" and layout.tp * layout.dispp > 1:
+        temporary = Term("optimizer temporaries (one parameter at a time)",
+                         2 * max(padded_shard_numel(prm, layout) for prm in c.params) * FP32, states)
+    else:
+        temporary = Term("optimizer temporaries (foreach sqrt(v))", params, states)
+    optimizer = Phase("optimizer step", (grads, temporary))
     acts_term = Term("activations", acts.total, "device")
     working_term = Term("kernel working set", working, "device")
     if layout.engine == "none":  # gradients of earlier micro-batches wait in .grad
