@@ -14,7 +14,6 @@ from pathlib import Path
 from launcher.launch import LaunchOptions, build_plan, execute
 from launcher.topology import detect
 from translution_dist.config import load_config
-from translution_dist.train.run import check_data
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -38,11 +37,11 @@ def intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     return _count(text, 1)
 
 
-def _non_negative(text: str) -> int:
+def non_negative_int(text: str) -> int:
     return _count(text, 0)
 
 
@@ -63,11 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
     parser.add_argument("--dry-run", action="store_true", help="print the command (shell-quoted) and exit")
-    parser.add_argument("--nproc-per-node", type=_positive, metavar="N",
+    parser.add_argument("--nproc-per-node", type=positive_int, metavar="N",
                         help="processes per node (default: the scheduler's, cluster.procs_per_node, GPUs, else 1)")
-    parser.add_argument("--nnodes", type=_positive, metavar="N",
+    parser.add_argument("--nnodes", type=positive_int, metavar="N",
                         help="nodes; on a plain machine with MASTER_ADDR set, start the command on each of them")
-    parser.add_argument("--max-restarts", type=_non_negative, metavar="N",
+    parser.add_argument("--max-restarts", type=non_negative_int, metavar="N",
                         help="torchrun restarts of the worker group after a failure (default: "
                              "cluster.max_restarts, else 0)")
     parser.add_argument("--log-dir", type=Path, metavar="DIR", help="write each rank's stdout/stderr under DIR")
@@ -82,5 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # may print the command for another machine, whose data is not here
         print(plan.shell())
         return 0
+    from translution_dist.train.run import check_data  # torch and the models: only when launching
+
     check_data(cfg)
     execute(plan)

@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from launcher.errors import UsageError
-from launcher.launch_command import intermixed
+from launcher.launch_command import intermixed, positive_int
 from launcher.memory_model import MemoryEstimate, fmt_bytes
 from launcher.plan import (
     DEFAULT_HEADROOM,
@@ -33,16 +33,6 @@ from launcher.plan import (
 from translution_dist.config import Config, load_config
 
 TABLE_ROWS = 12
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -68,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0]))
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.bank_chunks=8")
-    parser.add_argument("--nodes", type=_positive, metavar="N", help="nodes (default: cluster.nodes)")
-    parser.add_argument("--gpus-per-node", type=_positive, metavar="G", dest="procs",
+    parser.add_argument("--nodes", type=positive_int, metavar="N", help="nodes (default: cluster.nodes)")
+    parser.add_argument("--gpus-per-node", type=positive_int, metavar="G", dest="procs",
                         help="GPUs, i.e. processes, per node (default: cluster.procs_per_node)")
     parser.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 80GiB (default: cluster.gpu_memory; "
                                                            "none: the processes run on CPUs)")
