@@ -7,6 +7,8 @@ it trains in one process.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import sys
 
 from translution_dist.config import load_config
 
@@ -20,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A fatal signal raised below Python (an abort in a C++ thread, a segfault) then prints every
+    # thread's Python stack to this rank's log, which torchrun shows, instead of a bare signal number.
+    # (The process's own stderr: ``sys.stderr`` may be a capture without a file descriptor.)
+    faulthandler.enable(sys.__stderr__)
     cfg = load_config(args.config, args.overrides)
     from translution_dist.train.run import train
 

@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallelism.config import DEGREES, ParallelConfig
 from parallelism.displacement_parallel import DisplacementBalance, apply_displacement_parallel, displacement_balance
-from parallelism.mesh import build_mesh, data_parallel_coordinates, dp_mesh, init_distributed
+from parallelism.mesh import build_mesh, data_parallel_coordinates, dp_mesh, finish_collectives, init_distributed
 from parallelism.tensor_parallel import apply_tensor_parallel
 
 
@@ -51,6 +51,7 @@ __all__ = [
     "data_parallel_coordinates",
     "displacement_balance",
     "dp_mesh",
+    "finish_collectives",
     "init_distributed",
     "parallelize",
 ]

@@ -49,6 +49,23 @@ def init_distributed(cfg: ParallelConfig | None = None, timeout: timedelta = tim
     return device
 
 
+def finish_collectives() -> None:
+    """Wait, on every rank, for the collectives still in flight on every process group.
+
+    Call it after the last step, before the process exits. A gloo worker thread that finishes
+    a collective nobody waited for (DeepSpeed's prefetching all-gathers) frees its tensors,
+    which takes the GIL; once the interpreter is finalizing, that aborts the process
+    ("terminate called without an active exception", pytorch/pytorch#117762), and
+    ``destroy_process_group`` does not join those threads while other objects still hold the
+    groups. A barrier per group returns only when all earlier work on it is done. The groups are
+    created in the same order everywhere, so the ranks meet at each barrier in turn.
+    """
+    if not dist.is_initialized():
+        return
+    for group in list(dist.distributed_c10d._world.pg_map):  # every group, also those libraries made
+        dist.barrier(group=group)
+
+
 def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
     """The ``(dp_replicate, dp_shard, dispp, tp)`` mesh of ``cfg`` (``dp_shard=-1`` resolved).
 

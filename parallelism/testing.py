@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from parallelism import parallelize
 from parallelism.config import ParallelConfig
-from parallelism.mesh import build_mesh, init_distributed
+from parallelism.mesh import build_mesh, finish_collectives, init_distributed
 from translution_dist.models import ModelConfig, build_model
 
 
@@ -45,6 +45,7 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ti
     init_distributed(ParallelConfig(backend="gloo"), timeout=timedelta(seconds=timeout_s))
     try:
         result = fn(rank, world_size, *args)
+        finish_collectives()
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -1,10 +1,13 @@
 """The ``parallel`` config (resolution, validation, model checks) and the device mesh built from it.
 
 Meshes are built on PyTorch's fake process group: one process plays any rank of a large
-world, so rank layouts are checked without starting processes.
+world, so rank layouts are checked without starting processes. The end-of-run wait for
+collectives in flight runs on real gloo processes.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -12,7 +15,9 @@ import torch.distributed as dist
 from pydantic import ValidationError
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from parallelism import ParallelConfig, build_mesh, data_parallel_coordinates, dp_mesh, init_distributed, parallelize
+from parallelism import (ParallelConfig, build_mesh, data_parallel_coordinates, dp_mesh, finish_collectives,
+                         init_distributed, parallelize)
+from parallelism.testing import run_in_processes
 from translution_dist.models import ModelConfig, build_model
 
 TINY_GPT = dict(arch="gpt", context_length=8, vocab_size=11, dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
@@ -134,3 +139,23 @@ def test_parallelize_checks_mesh_and_model(fake_world):
 def test_nccl_needs_cuda():
     with pytest.raises(RuntimeError, match="backend=nccl needs CUDA"):
         init_distributed(ParallelConfig(backend="nccl"))
+
+
+# -- the end of a run -----------------------------------------------------------------------------
+
+def _unwaited_gathers(rank: int, world_size: int) -> list[bool]:
+    """Each rank starts an all-gather on the world and on a second group and never waits for it;
+    rank 1 joins each half a second late. Whether each one has finished after ``finish_collectives``."""
+    second = dist.new_group(backend="gloo")
+    works = []
+    for group in (None, second):
+        if rank == 1:
+            time.sleep(0.5)
+        gathered = torch.empty(world_size)
+        works.append(dist.all_gather_into_tensor(gathered, torch.tensor([float(rank)]), group=group, async_op=True))
+    finish_collectives()
+    return [work.is_completed() for work in works]
+
+
+def test_finish_collectives_waits_for_unwaited_work_on_every_group():
+    assert run_in_processes(_unwaited_gathers, 2) == [[True, True], [True, True]]

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallelism import build_mesh, data_parallel_coordinates, init_distributed, parallelize
+from parallelism import build_mesh, data_parallel_coordinates, finish_collectives, init_distributed, parallelize
 from parallelism.materialize import materialize
 from translution_dist.config import Config, ConfigError
 from translution_dist.data.loader import build_dataloader
@@ -115,6 +115,7 @@ def train(cfg: Config) -> TrainResult:
         loaders = build_loaders(cfg, ctx)
         write_run_dir(cfg, ctx)
         result = Trainer(cfg, ctx, engine, loaders).run()
+        finish_collectives()  # only on success: after a failure a peer may be gone
         if ctx.is_main:
             log.info("done: step %d, loss %.4f, eval %s; run directory %s", result.final_step, result.final_loss,
                      {k: round(v, 4) for k, v in result.eval_metrics.items()}, result.run_dir)
