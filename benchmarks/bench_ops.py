@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers (reference kernels, process runner, memory probe)
 DOCS = ROOT / "docs" / "benchmarks.md"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_ops.json"
 NAIVE_LIMIT_BYTES = 16 << 30
@@ -197,9 +198,13 @@ def time_steps(step, min_seconds: float, min_iters: int, patience_seconds: float
 
 
 def _layer_step(cfg: dict):
+    from helpers.reference import naive_translution
     from translution_dist.models.attention import (
-        AlphaTranslutionAttention, SelfAttention, TranslutionAttention, set_pair_chunk_bytes)
-    from translution_dist.models.reference import naive_translution
+        AlphaTranslutionAttention,
+        SelfAttention,
+        TranslutionAttention,
+        set_pair_chunk_bytes,
+    )
 
     torch.manual_seed(0)
     layout = layout_of(cfg["layout"])

@@ -2,17 +2,17 @@
 
 Trains a small Translution ViT (the MNIST configuration: 84×84 images, 12×12 patches, a
 7×7 grid and a class token; 2 blocks of 4 heads × 48) with the trainer's own code path
-(``translution_dist.train.run.setup`` + ``build_engine`` + ``engine.train_step``: meta
+(``training.run.setup`` + ``build_backend`` + ``backend.train_step``: meta
 construction, ``parallelism.parallelize``, FSDP2 or DeepSpeed, AdamW, gradient clipping) at
 1, 2 and 4 CPU processes over gloo. The global batch is fixed at 8 samples per step, split
 over the data-parallel ranks (tp/dispp peers share theirs), so every layout does the same work.
 
 Every configuration runs in a fresh subprocess that starts its ranks with
-``parallelism.testing.run_in_processes`` (torchrun's environment, a new process group).
+``helpers.processes.run_in_processes`` (torchrun's environment, a new process group).
 Per rank and optimizer step it measures:
 
 * time — median and minimum over the timed steps of the slowest rank's step;
-* peak memory — live tensor bytes (``launcher.memory_measure.LiveTensorBytes``: every
+* peak memory — live tensor bytes (``helpers.memory_measure.LiveTensorBytes``: every
   storage from its creation to its death, FSDP2's storage resizes included) in a steady step,
   and the bytes already live when that step starts (parameters and optimizer states);
 * collectives — every ``c10d``/``_c10d_functional`` op issued, seen by a dispatch mode in one
@@ -54,11 +54,12 @@ from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers (reference kernels, process runner, memory probe)
 
 from bench_ops import QUIET_CORES, _machine_busy_seconds, _own_cpu_seconds, machine, write_docs
 
 if TYPE_CHECKING:
-    from translution_dist.config import Config
+    from training.config import Config
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_parallel.json"
@@ -112,7 +113,7 @@ def build_config(overrides: tuple[str, ...] | list[str], procs: int) -> Config:
     """
     from pydantic import ValidationError
 
-    from translution_dist.config import Config, ConfigError, apply_override, format_validation_error
+    from training.config import Config, ConfigError, apply_override, format_validation_error
 
     raw: dict[str, Any] = {"model": yaml.safe_load(MODEL_FILE.read_text()), "data": {"kind": "synthetic"},
                            "train": {"steps": 100},  # only sets the length of the learning-rate schedule
@@ -221,9 +222,9 @@ def rank_main(rank: int, world_size: int, spec: dict) -> dict:
     """One rank of one layout: build through the trainer's path, measure memory, time, collectives."""
     import torch.distributed as dist
 
-    from launcher.memory_measure import LiveTensorBytes
-    from translution_dist.train.run import build_engine, setup
-    from translution_dist.train.tasks import ClassificationTask
+    from helpers.memory_measure import LiveTensorBytes
+    from training.run import build_backend, setup
+    from training.tasks import ClassificationTask
 
     cfg = build_config(spec["overrides"], world_size)
     model = cfg.model
@@ -233,13 +234,13 @@ def rank_main(rank: int, world_size: int, spec: dict) -> dict:
     tracker = LiveTensorBytes()
     with tracker:  # from construction on, so that parameters and optimizer states count
         ctx = setup(cfg)
-        engine = build_engine(cfg, ctx)
+        backend = build_backend(cfg, ctx)
         rows = slice(ctx.dp_rank * cfg.train.micro_batch_size, (ctx.dp_rank + 1) * cfg.train.micro_batch_size)
         batch = [(images[rows], labels[rows])]
         task = ClassificationTask()
 
         def step():
-            return engine.train_step(batch, task.step)
+            return backend.train_step(batch, task.step)
 
         step()  # optimizer states appear in the first step; the next is the steady state
         start_bytes = tracker.live
@@ -270,7 +271,7 @@ def rank_main(rank: int, world_size: int, spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     """All ranks of one layout in fresh processes; per-rank figures combined into per-step, per-rank ones."""
-    from parallelism.testing import run_in_processes
+    from helpers.processes import run_in_processes
 
     procs, steps = spec["procs"], spec["steps"]
     ranks = run_in_processes(rank_main, procs, spec, timeout_s=600)

@@ -19,7 +19,7 @@ from launcher.errors import UsageError
 from launcher.launch_command import intermixed
 
 if TYPE_CHECKING:
-    from parallelism.checkpoint_tools import Located
+    from training.checkpoint.locate import Located
 
 RESHARD_HELP = (
     "Rewrite a checkpoint for another model.bank_chunks, the one layout change the loader cannot make "
@@ -78,7 +78,7 @@ def _usage_errors() -> Iterator[None]:
 
     The tools' modules are imported here, on use, so that other commands do not load them.
     """
-    from parallelism.checkpoint_tools import CheckpointToolError
+    from training.checkpoint.locate import CheckpointToolError
 
     try:
         yield
@@ -95,8 +95,8 @@ def _say_which(located: Located) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from parallelism.checkpoint_inspect import describe, format_report
-    from parallelism.checkpoint_tools import locate
+    from training.checkpoint.inspection import describe, format_report
+    from training.checkpoint.locate import locate
 
     with _usage_errors():
         report = describe(locate(args.path, verify_checksums=args.verify))
@@ -110,9 +110,9 @@ def run_export(args: argparse.Namespace) -> int:
                          "multiplies the query token (see docs/official_weights.md)")
     import torch
 
-    from parallelism.checkpoint_export import check_target, export
-    from parallelism.checkpoint_inspect import human_bytes
-    from parallelism.checkpoint_tools import locate
+    from training.checkpoint.export import check_target, export
+    from training.checkpoint.inspection import human_bytes
+    from training.checkpoint.locate import locate
 
     with _usage_errors():
         check_target(args.out)  # before hashing a possibly huge checkpoint
@@ -127,8 +127,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_reshard(args: argparse.Namespace) -> int:
-    from parallelism.checkpoint_reshard import check_target, reshard
-    from parallelism.checkpoint_tools import locate
+    from training.checkpoint.locate import locate
+    from training.checkpoint.reshard import check_target, reshard
 
     overrides = list(args.overrides)
     if args.bank_chunks is not None:

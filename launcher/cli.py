@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module, which exposes ``register(subparsers)`` and sets
 ``func`` on its parser; ``func(args)`` returns the exit code. Bad input raises
-:class:`launcher.errors.UsageError` (or :class:`translution_dist.config.ConfigError`): the
+:class:`launcher.errors.UsageError` (or :class:`training.config.ConfigError`): the
 message is printed and the exit code is 2, as with argparse's own errors.
 """
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from launcher.errors import UsageError
-    from translution_dist.config import ConfigError
+    from training.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

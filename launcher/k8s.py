@@ -31,7 +31,7 @@ import yaml
 from launcher.errors import UsageError
 from launcher.launch import choose_layout
 from launcher.topology import DEFAULT_PORT, from_cluster, parse_bytes
-from translution_dist.config import Config, dump_config
+from training.config import Config, dump_config
 
 FLAVORS = ("pytorchjob", "trainjob", "jobset")
 DEFAULT_IMAGE = "translution-dist:latest"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from launcher.k8s import FLAVORS, RenderOptions, render, write
 from launcher.launch_command import intermixed
-from translution_dist.config import load_config
+from training.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -25,7 +25,7 @@ from typing import NoReturn
 from launcher.errors import UsageError
 from launcher.topology import Topology
 from parallelism.config import ParallelConfig
-from translution_dist.config import Config
+from training.config import Config
 
 WORKER = ("--module", "launcher.cli", "train")  # each process runs `python -m launcher.cli train CONFIG …`
 TOPOLOGY_ENV = "TRANSLUTION_TOPOLOGY"  # the trainer tags its MLflow run with it

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launcher.launch import LaunchOptions, build_plan, execute
 from launcher.topology import detect
-from translution_dist.config import load_config
+from training.config import load_config
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # may print the command for another machine, whose data is not here
         print(plan.shell())
         return 0
-    from translution_dist.train.run import check_data  # torch and the models: only when launching
+    from training.run import check_data  # torch and the models: only when launching
 
     check_data(cfg)
     execute(plan)

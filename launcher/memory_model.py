@@ -392,7 +392,7 @@ def estimate(run: RunShape, layout: ParallelConfig) -> MemoryEstimate:
 
 def _torch(c: Census, layout: ParallelConfig, p: Precision, acts: Activations, working: int,
            shard: int, grad_accum: int) -> tuple[tuple[Term, ...], tuple[Phase, ...]]:
-    """Plain PyTorch (engine none) and FSDP2: the trainer's ``TorchEngine``.
+    """Plain PyTorch (engine none) and FSDP2: the trainer's ``TorchBackend``.
 
     Its AdamW runs the foreach kernels, whose one temporary is ``sqrt(v)`` of every parameter;
     tp/dispp without FSDP mix DTensors and plain tensors, which step one at a time: ``sqrt(v)``
@@ -437,7 +437,7 @@ def _torch(c: Census, layout: ParallelConfig, p: Precision, acts: Activations, w
 
 def _deepspeed(c: Census, layout: ParallelConfig, p: Precision, acts: Activations, working: int,
                device: str) -> tuple[tuple[Term, ...], tuple[Phase, ...]]:
-    """DeepSpeed ZeRO-3 (-Infinity) as ``parallelism.deepspeed_engine`` configures it.
+    """DeepSpeed ZeRO-3 (-Infinity) as ``parallelism.deepspeed_zero`` configures it.
 
     Every parameter is partitioned over all ranks, except those of at most the persistence
     threshold, which stay whole; the partitions are in the compute dtype, with an fp32 master

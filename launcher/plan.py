@@ -36,7 +36,7 @@ from launcher.memory_model import GiB, MemoryEstimate, RunShape, Term, estimate,
 from launcher.step_cost import StepCost, step_cost
 from launcher.topology import Topology, parse_bytes
 from parallelism.config import ParallelConfig
-from translution_dist.config import Config
+from training.config import Config
 
 DEFAULT_HEADROOM = 0.10
 HOST_RUNTIME = {"cuda": 4 * GiB, "cpu": GiB // 2}

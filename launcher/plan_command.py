@@ -30,7 +30,7 @@ from launcher.plan import (
     layout_overrides,
     plan,
 )
-from translution_dist.config import Config, load_config
+from training.config import Config, load_config
 
 TABLE_ROWS = 12
 

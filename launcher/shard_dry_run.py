@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from launcher.memory_model import MemoryEstimate, fmt_bytes, model_census
 from launcher.shard_model import Coordinates, local_shape
-from parallelism import build_mesh, parallelize
+from parallelism import ParallelDims, build_mesh, parallelize
 from parallelism.config import ParallelConfig
 from translution_dist.models import ModelConfig, build_model
 
@@ -68,10 +68,11 @@ def shard_rank(model_config: ModelConfig, layout: ParallelConfig, rank: int) -> 
         raise RuntimeError("a process group is already initialised; run the dry run in a fresh process")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        mesh = build_mesh(layout, world, "cpu")
+        dims = ParallelDims.resolve(layout, world)
+        mesh = build_mesh(dims, "cpu")
         with torch.device("meta"):
             model = build_model(model_config)
-        parallelize(model, mesh, layout)
+        parallelize(model, dims, mesh)
         census = {p.name: p for p in model_census(model_config, layout.vocab_parallel).params}
         at = Coordinates.of(rank, layout)
         local_bytes = 0

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from launcher.memory_model import FP32, model_census
 from launcher.shard_model import padded_model_parallel_numel, padded_shard_numel
 from parallelism.config import ParallelConfig
-from translution_dist.config import Config
+from training.config import Config
 
 PCIE_BYTES_PER_S = 25e9
 """Host ↔ GPU, per GPU (PCIe 5 ×16, effective)."""

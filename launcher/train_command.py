@@ -10,7 +10,7 @@ import argparse
 import faulthandler
 import sys
 
-from translution_dist.config import load_config
+from training.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     # (The process's own stderr: ``sys.stderr`` may be a capture without a file descriptor.)
     faulthandler.enable(sys.__stderr__)
     cfg = load_config(args.config, args.overrides)
-    from translution_dist.train.run import train
+    from training.run import train
 
     train(cfg)
     return 0

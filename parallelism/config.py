@@ -1,7 +1,8 @@
 """The ``parallel:`` section of a run config: how the world of processes is split.
 
 Degrees multiply to the world size: ``dp_replicate · dp_shard · dispp · tp``. ``dp_shard = -1``
-takes the rest, filled in by :meth:`ParallelConfig.resolve` once the world size is known.
+takes the rest, filled in by :meth:`ParallelConfig.resolve` once the world size is known; a process resolves
+it once, into :class:`parallelism.layout.ParallelDims`.
 Model-specific limits (``tp`` must divide the heads, ``dispp`` at most the rows of a bank
 chunk) are checked by :meth:`ParallelConfig.check_model`. Errors name the field and the fix.
 """
@@ -12,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Engine = Literal["fsdp", "deepspeed", "none"]
+EngineName = Literal["fsdp", "deepspeed", "none"]
+"""The ZeRO-3 engine that shards parameters over the data-parallel ranks (``parallel.engine``)."""
 Offload = Literal["none", "cpu", "nvme"]
 
 DEGREES = ("dp_replicate", "dp_shard", "dispp", "tp")
@@ -24,7 +26,7 @@ class ParallelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    engine: Engine = Field(
+    engine: EngineName = Field(
         "fsdp", description="fsdp: FSDP2 (ZeRO-3) over the data-parallel ranks, composes with tp and dispp; "
                             "deepspeed: DeepSpeed ZeRO-3/Infinity, data parallelism only; none: no sharding "
                             "and no data-parallel gradient reduction (one process, or tp/dispp only).")

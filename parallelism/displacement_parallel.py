@@ -41,7 +41,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from parallelism.tensor_parallel import (
-    bank_chunks,
     complete_bank_input_grads,
     copy_output_hook,
     reduce_input_hook,
@@ -49,8 +48,8 @@ from parallelism.tensor_parallel import (
 from translution_dist.models.attention import (
     AlphaTranslutionAttention,
     RelativeAttentionBase,
-    SelfAttention,
     TranslutionAttention,
+    bank_chunk_modules,
     chunk_bounds,
 )
 from translution_dist.ops import RelativeLayout
@@ -152,14 +151,14 @@ def _shard_rows(chunk: nn.Module, mesh: DeviceMesh) -> None:
 
 def _owned_rows(layer: RelativeAttentionBase) -> Tensor:
     owned = torch.zeros(layer.layout.num_displacements, dtype=torch.bool)
-    for chunk in bank_chunks(layer):
+    for chunk in bank_chunk_modules(layer):
         owned[chunk.rows[0]:chunk.rows[1]] = True
     return owned
 
 
 def _parallelize_layer(layer: RelativeAttentionBase, mesh: DeviceMesh) -> None:
     dispp = mesh["dispp"]
-    for chunk in bank_chunks(layer):
+    for chunk in bank_chunk_modules(layer):
         _shard_rows(chunk, mesh)
     layer.row_softmax = DisplacementSoftmax(layer.layout, _owned_rows(layer), dispp.get_group())
     layer.out_proj.register_forward_pre_hook(reduce_input_hook(dispp), prepend=True)
@@ -184,8 +183,6 @@ def apply_displacement_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module
     for module in list(model.modules()):
         if isinstance(module, RelativeAttentionBase):
             _parallelize_layer(module, mesh)
-        elif isinstance(module, SelfAttention):
-            raise ValueError("dispp splits displacement banks and self-attention has none; use dispp=1")
     return model
 
 

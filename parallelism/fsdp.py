@@ -25,13 +25,12 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from translution_dist.models.attention import ScoreBankChunk, ValueBankChunk
+from translution_dist.models.attention import bank_chunk_modules
 from translution_dist.models.blocks import Block
 
 if TYPE_CHECKING:
     from parallelism.config import ParallelConfig
 
-BANK_CHUNK_TYPES = (ScoreBankChunk, ValueBankChunk)
 """Modules whose parameters are bank rows: each is one gather unit."""
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,11 +80,6 @@ def offload_policy(cpu_offload: bool) -> OffloadPolicy:
     return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
 
 
-def bank_chunks(module: nn.Module) -> list[nn.Module]:
-    """The bank chunk modules under ``module``, in forward order."""
-    return [sub for sub in module.modules() if isinstance(sub, BANK_CHUNK_TYPES)]
-
-
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh | None, cfg: ParallelConfig | FSDPSettings) -> nn.Module:
     """Shard ``model`` in place: every bank chunk, then every block, then the root.
 
@@ -102,7 +96,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh | None, cfg: ParallelConfig | 
     mesh = data_parallel_mesh(mesh)
     offload = offload_policy(cfg.cpu_offload)
     policy = mixed_precision_policy(cfg.mixed_precision)
-    chunks = bank_chunks(model)
+    chunks = bank_chunk_modules(model)
     for unit in [*chunks, *(m for m in model.modules() if isinstance(m, Block))]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, offload_policy=offload,
                     reshard_after_forward=cfg.reshard_after_forward)

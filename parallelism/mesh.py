@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallelism.config import DEGREES, ParallelConfig
+from parallelism.layout import DP_DIMS, ParallelDims
 
-DP_DIMS = ("dp_replicate", "dp_shard")
 DP_FLAT = "dp"
 """Name of the flattened ``(dp_replicate, dp_shard)`` dim, created by :func:`build_mesh`."""
 
@@ -66,13 +66,12 @@ def finish_collectives() -> None:
         dist.barrier(group=group)
 
 
-def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
-    """The ``(dp_replicate, dp_shard, dispp, tp)`` mesh of ``cfg`` (``dp_shard=-1`` resolved).
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """The ``(dp_replicate, dp_shard, dispp, tp)`` mesh of a resolved layout.
 
     Also creates the flattened ``dp`` dim (see :func:`dp_mesh`); every rank must call this.
     """
-    resolved = cfg.resolve(world_size)
-    mesh = init_device_mesh(device_type, tuple(getattr(resolved, d) for d in DEGREES), mesh_dim_names=DEGREES)
+    mesh = init_device_mesh(device_type, tuple(dims.sizes[d] for d in DEGREES), mesh_dim_names=DEGREES)
     mesh[DP_DIMS]._flatten(DP_FLAT)
     return mesh
 

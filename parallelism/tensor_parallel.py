@@ -40,10 +40,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from translution_dist.models.attention import (
     AlphaTranslutionAttention,
     RelativeAttentionBase,
-    ScoreBankChunk,
     SelfAttention,
     TranslutionAttention,
     ValueBankChunk,
+    bank_chunk_modules,
 )
 from translution_dist.models.blocks import FeedForward
 
@@ -68,11 +68,6 @@ def reduce_input_hook(mesh: DeviceMesh):
     return lambda module, args: (reduce_from_region(args[0], mesh), *args[1:])
 
 
-def bank_chunks(layer: RelativeAttentionBase) -> list[ScoreBankChunk | ValueBankChunk]:
-    """The layer's bank chunk modules (score chunks first)."""
-    return [*(layer.score_banks or ()), *(layer.value_banks or ())]
-
-
 def complete_bank_input_grads(layer: RelativeAttentionBase, mesh: DeviceMesh) -> None:
     """Make the gradient the bank paths return to their replicated inputs complete over ``mesh``.
 
@@ -89,7 +84,7 @@ def complete_bank_input_grads(layer: RelativeAttentionBase, mesh: DeviceMesh) ->
     elif isinstance(layer, TranslutionAttention) and layer.relative == "qkv":
         layer.norm.register_forward_hook(hook)
     else:
-        for chunk in bank_chunks(layer):
+        for chunk in bank_chunk_modules(layer):
             chunk.register_forward_pre_hook(partial(_copy_relative_inputs, mesh=mesh))
 
 
@@ -119,15 +114,8 @@ def _local_heads_of_fused_qkv(module: nn.Module, args: tuple, output: DTensor) -
     return torch.cat([part.chunk(size, dim=-1)[rank] for part in full.chunk(3, dim=-1)], dim=-1)
 
 
-def _check_heads(layer: nn.Module, tp: int) -> None:
-    heads = layer.out_proj.in_features // layer.dim_head
-    if heads % tp:
-        raise ValueError(f"tp={tp} must divide the {heads} heads of {type(layer).__name__}; "
-                         f"choose tp among the divisors of {heads}")
-
-
 def _shard_banks_by_heads(layer: RelativeAttentionBase, mesh: DeviceMesh) -> None:
-    for chunk in bank_chunks(layer):
+    for chunk in bank_chunk_modules(layer):
         for bank in chunk.children():
             bank.weight = nn.Parameter(distribute_tensor(bank.weight, mesh, [Shard(2)]),
                                        requires_grad=bank.weight.requires_grad)
@@ -153,16 +141,11 @@ def _parallelize_alpha(layer: AlphaTranslutionAttention, mesh: DeviceMesh) -> No
 
 
 def _parallelize_self_attention(layer: SelfAttention, mesh: DeviceMesh) -> None:
-    if layer.position == "relative_bias":
-        raise ValueError("tp>1 does not support position=relative_bias; use rope, learned or none, or tp=1")
     _fused_qkv(layer, mesh)
     parallelize_module(layer, mesh, {"out_proj": RowwiseParallel()})
 
 
 def _parallelize_vocabulary(model: nn.Module, mesh: DeviceMesh) -> None:
-    if not (isinstance(getattr(model, "token_embedding", None), nn.Embedding)
-            and isinstance(getattr(model, "head", None), nn.Linear)):
-        raise ValueError("vocab_parallel needs a model with a token_embedding and a head (arch=gpt)")
     parallelize_module(model, mesh, {
         "token_embedding": RowwiseParallel(input_layouts=Replicate()),
         "head": ColwiseParallel(output_layouts=Replicate()),
@@ -174,18 +157,15 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, vocab_parallel: bo
 
     ``mesh`` is the 1-D ``tp`` mesh. Works on a model on the meta device; a materialised model
     must be identical on every rank (the shards are scattered from the group's first rank).
-    Modules it does not know stay replicated, which is correct, only not sharded.
+    Modules it does not know stay replicated, which is correct, only not sharded. Whether the
+    model suits ``tp`` is checked before, by :meth:`parallelism.config.ParallelConfig.check_model`.
     """
-    tp = mesh.size()
     for module in list(model.modules()):
         if isinstance(module, TranslutionAttention):
-            _check_heads(module, tp)
             _parallelize_translution(module, mesh)
         elif isinstance(module, AlphaTranslutionAttention):
-            _check_heads(module, tp)
             _parallelize_alpha(module, mesh)
         elif isinstance(module, SelfAttention):
-            _check_heads(module, tp)
             _parallelize_self_attention(module, mesh)
         elif isinstance(module, FeedForward):
             parallelize_module(module, mesh, {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()})

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from translution_dist.config import load_config
+from training.config import load_config
+from training.tasks import ClassificationTask
 from translution_dist.data.loader import build_dataloader
 from translution_dist.models import build_model
-from translution_dist.train.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # Static→Static, Dynamic→Dynamic, Static→Dynamic top-1 (%), from the paper

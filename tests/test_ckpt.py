@@ -20,16 +20,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import _config, _env, _train
 
-import parallelism.checkpoint_export as checkpoint_export
+import training.checkpoint.export as checkpoint_export
 from launcher.cli import main
-from parallelism.checkpoint_reshard import read_state, regroup_state
-from parallelism.checkpoint_safetensors import TensorEntry, write_safetensors
-from parallelism.checkpoint_tools import config_hash, locate, model_config
+from test_train import _config, _env, _train
+from training.checkpoint.locate import config_hash, locate, model_config
+from training.checkpoint.reshard import read_state, regroup_state
+from training.checkpoint.safetensors_file import TensorEntry, write_safetensors
+from training.checkpoint.store import CheckpointManager, verify
 from translution_dist.models import ModelConfig, build_model, count_parameters
 from translution_dist.models.official import from_official
-from translution_dist.train.checkpoint import CheckpointManager, verify
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # single-process DCP, on purpose
 
@@ -59,6 +59,7 @@ def _listing(directory: Path) -> set[str]:
 # -- inspect ---------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_inspect_names_every_tensor_with_global_shapes(run, capsys, monkeypatch):
     monkeypatch.setattr(dcp, "load", lambda *a, **k: pytest.fail("inspect loaded tensors"))
     code, out, err = _ckpt(capsys, "inspect", run)
@@ -87,6 +88,7 @@ def test_inspect_names_every_tensor_with_global_shapes(run, capsys, monkeypatch)
 # -- export ----------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_export_is_the_final_model(run, tmp_path, capsys, monkeypatch):
     requested: list[str] = []
     load = checkpoint_export.load_entries
@@ -117,6 +119,7 @@ def test_export_is_the_final_model(run, tmp_path, capsys, monkeypatch):
     assert all(torch.equal(bf16[k], final[k].bfloat16()) for k in final)
 
 
+@pytest.mark.multiprocess
 def test_export_official_names_round_trip(run, tmp_path, capsys):
     out = tmp_path / "official.safetensors"
     code, _, err = _ckpt(capsys, "export", run, "--out", out, "--official", "vit", "--query-projection", "to_k")
@@ -160,6 +163,7 @@ def test_export_official_gpt_names_in_batches_of_one_tensor(tmp_path, capsys):
 # -- reshard ---------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_reshard_bank_chunks_there_and_back_then_resume(run, tmp_path, capsys):
     three, back = tmp_path / "three", tmp_path / "back"
     code, out, err = _ckpt(capsys, "reshard", run, "--out", three, "--bank-chunks", "3", "parallel.engine=none")
@@ -239,6 +243,7 @@ def _damaged_copies(run: Path, tmp_path: Path) -> tuple[Path, Path]:
     return incomplete, corrupted
 
 
+@pytest.mark.multiprocess
 def test_bad_input_exits_2_and_writes_nothing(run, tmp_path, capsys):
     incomplete, corrupted = _damaged_copies(run, tmp_path)
     out_dir = tmp_path / "out"
@@ -277,6 +282,7 @@ def test_bad_input_exits_2_and_writes_nothing(run, tmp_path, capsys):
     assert code == 0 and "checksums: not checked" in out, err
 
 
+@pytest.mark.multiprocess
 def test_newest_good_checkpoint_is_chosen_and_the_others_named(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run / "checkpoints", copy / "checkpoints")
@@ -288,6 +294,7 @@ def test_newest_good_checkpoint_is_chosen_and_the_others_named(run, tmp_path, ca
     assert "of step 2" in out
 
 
+@pytest.mark.multiprocess
 def test_failures_while_writing_leave_nothing(run, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -73,6 +73,7 @@ def test_plan_splits_ranks_and_streams_into_disjoint_ranges():
         make_plan([50], rank=0, ranks=1, streams=1, batch_size=64, samples_per_epoch=None, train=True)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_two_workers_get_equal_disjoint_streams(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=203, per_shard=45)
     epochs = [run_epoch(path, rank=r, ranks=2, num_workers=2, shuffle_buffer=16) for r in range(2)]
@@ -85,6 +86,7 @@ def test_two_ranks_two_workers_get_equal_disjoint_streams(tmp_path):
     assert batch[0].dtype == torch.int64 and torch.equal(batch[0][:, 1:], batch[1][:, :-1])
 
 
+@pytest.mark.multiprocess
 def test_fewer_shards_than_ranks_times_workers(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=50, per_shard=50)
     epochs = [run_epoch(path, rank=r, ranks=2, batch_size=4, num_workers=2) for r in range(2)]
@@ -95,6 +97,7 @@ def test_fewer_shards_than_ranks_times_workers(tmp_path):
     assert [len(e) for e in longer] == [22, 22], "streams cycle past their share instead of running dry"
 
 
+@pytest.mark.multiprocess
 def test_batches_do_not_depend_on_num_workers(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=100, per_shard=20)
     by_workers = [ids(run_epoch(path, num_workers=w, streams_per_rank=2, seed=5)) for w in (0, 1, 2)]
@@ -102,6 +105,7 @@ def test_batches_do_not_depend_on_num_workers(tmp_path):
     assert ids(run_epoch(path, streams_per_rank=2, seed=6)) != by_workers[0]
 
 
+@pytest.mark.multiprocess
 def test_truncated_shard_is_skipped_and_counted(tmp_path, caplog):
     path = write_id_shards(tmp_path / "d", samples=100, per_shard=25)
     shard = path / "train-000001.tar"
@@ -129,6 +133,7 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path, caplog):
     assert [len(e) for e in train_epochs] == [10, 10]
 
 
+@pytest.mark.multiprocess
 def test_resume_replays_exactly_the_unseen_batches(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=150, per_shard=25, corrupt=(30, 111))
     cfg = DataConfig(kind="text", path=path, num_workers=2, shuffle_buffer=16)
@@ -251,6 +256,7 @@ def _spawned_rank(rank: int, path: str, out: str) -> None:
     torch.save(ids(list(loader)), f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.multiprocess
 def test_ranks_under_multiprocessing_spawn(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=60, per_shard=60)
     mp.spawn(_spawned_rank, args=(str(path), str(tmp_path)), nprocs=2)

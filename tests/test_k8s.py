@@ -15,7 +15,7 @@ import yaml
 
 from launcher.cli import main
 from launcher.k8s import FLAVORS, RenderOptions, render
-from translution_dist.config import load_config
+from training.config import load_config
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 jsonschema = pytest.importorskip("jsonschema")

@@ -182,6 +182,7 @@ def _completed(run_dir: Path, world: int) -> None:
     assert sorted(p.name for p in checkpoint.glob("rank_*.pt")) == [f"rank_{r}.pt" for r in range(world)]
 
 
+@pytest.mark.multiprocess
 def test_real_launch_two_processes(config, tmp_path):
     """torchrun really starts two `translution train` processes; both write their shard and their log."""
     logs = tmp_path / "logs"
@@ -195,6 +196,7 @@ def test_real_launch_two_processes(config, tmp_path):
     assert meta["world_size"] == 2
 
 
+@pytest.mark.multiprocess
 def test_real_two_node_rendezvous_on_one_machine(config, tmp_path):
     """Two launchers (two "nodes") meet at a c10d rendezvous, as on a cluster, one process each."""
     env = {**_launch_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -207,6 +209,7 @@ def test_real_two_node_rendezvous_on_one_machine(config, tmp_path):
     _completed(tmp_path / "runs" / "tiny", world=2)
 
 
+@pytest.mark.multiprocess
 def test_bad_config_exits_2_without_starting(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**TINY, "train": {"steps": "many"}}))

@@ -161,6 +161,7 @@ def test_parse_bytes():
         parse_bytes("lots", "cluster.gpu_memory")
 
 
+@pytest.mark.multiprocess
 def test_topology_command_json():
     out = subprocess.run([sys.executable, "-c", "import sys; from launcher.cli import main; sys.exit(main())",
                           "topology", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,

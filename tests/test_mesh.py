@@ -15,9 +15,17 @@ import torch.distributed as dist
 from pydantic import ValidationError
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from parallelism import (ParallelConfig, build_mesh, data_parallel_coordinates, dp_mesh, finish_collectives,
-                         init_distributed, parallelize)
-from parallelism.testing import run_in_processes
+from helpers.processes import run_in_processes
+from parallelism import (
+    ParallelConfig,
+    ParallelDims,
+    build_mesh,
+    data_parallel_coordinates,
+    dp_mesh,
+    finish_collectives,
+    init_distributed,
+    parallelize,
+)
 from translution_dist.models import ModelConfig, build_model
 
 TINY_GPT = dict(arch="gpt", context_length=8, vocab_size=11, dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
@@ -102,7 +110,7 @@ def test_vocab_parallel_needs_gpt_and_tp():
 
 def test_mesh_keeps_model_parallel_groups_inside_a_node(fake_world):
     fake_world(rank=5, world_size=16)
-    mesh = build_mesh(ParallelConfig(dp_replicate=2, tp=2, dispp=2), 16, "cpu")
+    mesh = build_mesh(ParallelDims.resolve(ParallelConfig(dp_replicate=2, tp=2, dispp=2), 16), "cpu")
     assert mesh.mesh_dim_names == ("dp_replicate", "dp_shard", "dispp", "tp")
     assert mesh.mesh.tolist() == torch.arange(16).reshape(2, 2, 2, 2).tolist()
     assert mesh["tp"].mesh.tolist() == [4, 5]  # consecutive ranks
@@ -113,26 +121,29 @@ def test_mesh_keeps_model_parallel_groups_inside_a_node(fake_world):
 
 def test_mesh_keeps_size_one_dims(fake_world):
     fake_world(rank=3, world_size=4)
-    mesh = build_mesh(ParallelConfig(engine="none", tp=4), 4, "cpu")
+    mesh = build_mesh(ParallelDims.resolve(ParallelConfig(engine="none", tp=4), 4), "cpu")
     assert tuple(mesh[name].size() for name in mesh.mesh_dim_names) == (1, 1, 1, 4)
     assert data_parallel_coordinates(mesh) == (0, 1)
     assert data_parallel_coordinates(None) == (0, 1)
 
 
-def test_build_mesh_checks_the_world_size(fake_world):
-    fake_world(rank=0, world_size=4)
+def test_parallel_dims_check_the_world_size():
     with pytest.raises(ValueError, match="do not match the world size 4"):
-        build_mesh(ParallelConfig(dp_shard=2, tp=4), 4, "cpu")
+        ParallelDims.resolve(ParallelConfig(dp_shard=2, tp=4), 4)
+    dims = ParallelDims.resolve(ParallelConfig(dp_replicate=2, tp=2), 8)
+    assert (dims.dp_size, dims.model_parallel_size, dims.sizes["dp_shard"]) == (4, 2, 2)
+    assert dims.tag(bank_chunks=3) == "fsdp:dp_replicate=2,dp_shard=2,tp=2,dispp=1,bank_chunks=3"
 
 
 def test_parallelize_checks_mesh_and_model(fake_world):
     fake_world(rank=0, world_size=4)
-    mesh = build_mesh(ParallelConfig(engine="none", tp=4), 4, "cpu")
+    tp4 = ParallelDims.resolve(ParallelConfig(engine="none", tp=4), 4)
+    mesh = build_mesh(tp4, "cpu")
     model = build_model(ModelConfig(**TINY_GPT, attention="translution"))
-    with pytest.raises(ValueError, match="does not match the parallel config"):
-        parallelize(model, mesh, ParallelConfig(engine="none", tp=2, dispp=2).resolve(4))
+    with pytest.raises(ValueError, match="does not match the parallel layout"):
+        parallelize(model, ParallelDims.resolve(ParallelConfig(engine="none", tp=2, dispp=2), 4), mesh)
     with pytest.raises(ValueError, match="tp=4 must divide heads=2"):
-        parallelize(model, mesh, ParallelConfig(engine="none", tp=4).resolve(4))
+        parallelize(model, tp4, mesh)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -157,5 +168,6 @@ def _unwaited_gathers(rank: int, world_size: int) -> list[bool]:
     return [work.is_completed() for work in works]
 
 
+@pytest.mark.multiprocess
 def test_finish_collectives_waits_for_unwaited_work_on_every_group():
     assert run_in_processes(_unwaited_gathers, 2) == [[True, True], [True, True]]

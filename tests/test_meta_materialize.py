@@ -12,16 +12,16 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from test_parallel_fsdp import fsdp_layout, global_batches, loss_of, tiny_config
 from torch.distributed.tensor import DTensor
 
-from parallelism import ParallelConfig, build_mesh, parallelize
+from helpers.processes import run_in_processes
+from parallelism import ParallelConfig, ParallelDims, build_mesh, parallelize
 from parallelism.fsdp import apply_fsdp
 from parallelism.materialize import full_bytes, local_numel, materialize, shard_bytes
-from parallelism.testing import run_in_processes
+from test_parallel_fsdp import fsdp_layout, global_batches, loss_of, tiny_config
 from translution_dist.models import ModelConfig, build_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.filterwarnings("ignore::UserWarning")]  # every test here starts processes
 
 MACHINE_MEMORY = 24 << 30
 
@@ -90,11 +90,11 @@ def _materialized_shards(rank: int, world: int) -> None:
 
 
 def _materialized_with_model_parallelism(rank: int, world: int) -> None:
-    layout = ParallelConfig(engine="fsdp", backend="gloo", dispp=2, tp=2).resolve(world)
-    mesh = build_mesh(layout, world, "cpu")
+    dims = ParallelDims.resolve(ParallelConfig(engine="fsdp", backend="gloo", dispp=2, tp=2), world)
+    mesh = build_mesh(dims, "cpu")
     with torch.device("meta"):
         model = build_model(tiny_config("gpt", "translution", 3))
-    parallelize(model, mesh, layout)
+    parallelize(model, dims, mesh)
     materialize(model, "cpu", seed=0, mesh=mesh)
     for name, param in model.named_parameters():
         full = param.detach().full_tensor()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.reference import naive_alpha_translution, naive_translution
 from translution_dist.models.attention import (
     RELATIVE_SUBSETS,
     AlphaTranslutionAttention,
     TranslutionAttention,
     set_pair_chunk_bytes,
 )
-from translution_dist.models.reference import naive_alpha_translution, naive_translution
 from translution_dist.ops import CausalLayout, ImageGridLayout
 
 LAYOUTS = [

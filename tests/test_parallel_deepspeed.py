@@ -14,14 +14,14 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-from test_parallel_fsdp import MICRO_BATCH, assert_same, case, global_batches, loss_of, mean_over_ranks, tiny_config
 from torch import nn
 
-from parallelism.bank_memory import BankGatherProbe
+from helpers.bank_memory import BankGatherProbe
+from helpers.processes import prepare_deepspeed_on_cpu, run_in_processes
 from parallelism.config import ParallelConfig
-from parallelism.deepspeed_engine import DEFAULT_NVME_BUFFER, build_deepspeed_engine, deepspeed_config, parameter_sizes
-from parallelism.testing import prepare_deepspeed_on_cpu, run_in_processes
-from translution_dist.config import OptimSection
+from parallelism.deepspeed_zero import DEFAULT_NVME_BUFFER, build_deepspeed_engine, deepspeed_config, parameter_sizes
+from test_parallel_fsdp import MICRO_BATCH, assert_same, case, global_batches, loss_of, mean_over_ranks, tiny_config
+from training.config import OptimSection
 from translution_dist.models import ModelConfig, build_model
 
 prepare_deepspeed_on_cpu()  # the tests run on CPU over gloo
@@ -104,6 +104,7 @@ def _prefetch_gathers_more(rank: int, world: int) -> None:
     assert probe.peak > probe.chunk_numel
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("arch", ["vit", "gpt"])
 def test_zero3_cpu_offload_matches_single_process(arch):
     """2 ranks, parameters and optimizer on CPU, Translution and α-Translution; bank_chunks=1,
@@ -118,6 +119,7 @@ def _aio_available() -> bool:
     return AsyncIOBuilder().is_compatible(verbose=False)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.skipif(not _aio_available(), reason="NVMe offload needs DeepSpeed's async_io op (libaio-dev)")
 def test_zero_infinity_nvme_offload_matches_single_process(tmp_path):
@@ -128,6 +130,7 @@ def test_zero_infinity_nvme_offload_matches_single_process(tmp_path):
     run_in_processes(_deepspeed_cases, 2, "gpt", nvme, [("translution", 3, 1)], timeout_s=1800)
 
 
+@pytest.mark.multiprocess
 def test_probe_sees_prefetched_chunks():
     """The probe's own check: with prefetching on, more than one chunk is gathered."""
     run_in_processes(_prefetch_gathers_more, 2)

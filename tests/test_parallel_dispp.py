@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from helpers.processes import compare_cases, run_in_processes
 from parallelism import displacement_balance
-from parallelism.testing import compare_cases, run_in_processes
 from translution_dist.models import ModelConfig, build_model
 from translution_dist.ops import CausalLayout, ImageGridLayout
 
@@ -74,16 +74,19 @@ def _assert_matched(result) -> None:
     assert max(v for k, v in result.items() if k != "reference_state") < 1e-5
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", DISPP_CASES)
 def test_dispp2_matches_single_process(dispp_results, case):
     _assert_matched(dispp_results[case])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", GRID_CASES)
 def test_tp2_dispp2_matches_single_process(grid_results, case):
     _assert_matched(grid_results[case])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_tp2_dispp2_checkpoint_loads_unsharded(grid_results, grid_checkpoint):
     """DCP reshards the [Shard(0), Shard(2)] banks of a 2×2 run into plain tensors of one process."""

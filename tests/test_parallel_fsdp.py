@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallelism import ParallelConfig, build_mesh
-from parallelism.bank_memory import BankGatherProbe
-from parallelism.fsdp import apply_fsdp, bank_chunks
+from helpers.bank_memory import BankGatherProbe
+from helpers.processes import cross_entropy, run_in_processes, tiny_batch
+from parallelism import ParallelConfig, ParallelDims, build_mesh
+from parallelism.fsdp import apply_fsdp
 from parallelism.materialize import load_full_state, materialize
-from parallelism.testing import cross_entropy, run_in_processes, tiny_batch
+from training.grad_norm import clip_grad_norm
 from translution_dist.models import ModelConfig, build_model
-from translution_dist.train.grad_norm import clip_grad_norm
+from translution_dist.models.attention import bank_chunk_modules
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.filterwarnings("ignore::UserWarning")]  # every test here starts processes
 
 STEPS = 3
 MICRO_BATCH = 4
@@ -41,8 +42,8 @@ TOL = dict(rtol=1e-4, atol=2e-5)
 
 def fsdp_layout(world: int, **fields) -> tuple[DeviceMesh, ParallelConfig]:
     """The mesh and resolved config of an FSDP2 layout of ``world`` ranks."""
-    cfg = ParallelConfig(engine="fsdp", backend="gloo", **fields).resolve(world)
-    return build_mesh(cfg, world, "cpu"), cfg
+    dims = ParallelDims.resolve(ParallelConfig(engine="fsdp", backend="gloo", **fields), world)
+    return build_mesh(dims, "cpu"), dims.config
 
 
 def assert_same(actual: Tensor, expected: Tensor, what: str) -> None:
@@ -133,7 +134,7 @@ def _zero3_cases(rank: int, world: int, arch: str) -> None:
                 with BankGatherProbe(model, "fsdp") as probe:
                     train_and_compare(cfg, model, reference, rank, world)
                 assert probe.samples > 0 and probe.peak == probe.chunk_numel, (probe.peak, probe.chunk_numel)
-                layer = sum(p.numel() for c in bank_chunks(model.encoder.blocks[0]) for p in c.parameters())
+                layer = sum(p.numel() for c in bank_chunk_modules(model.encoder.blocks[0]) for p in c.parameters())
                 assert probe.chunk_numel * (2 if chunks == 3 else 1) < layer
 
 

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parallel_fsdp import case, tiny_config, train_and_compare
 
-from parallelism import ParallelConfig, build_mesh, data_parallel_coordinates, parallelize
-from parallelism.bank_memory import BankGatherProbe
+from helpers.bank_memory import BankGatherProbe
+from helpers.processes import run_in_processes
+from parallelism import ParallelConfig, ParallelDims, build_mesh, data_parallel_coordinates, parallelize
 from parallelism.materialize import load_full_state
-from parallelism.testing import run_in_processes
+from test_parallel_fsdp import case, tiny_config, train_and_compare
 from translution_dist.models import build_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.filterwarnings("ignore::UserWarning")]  # every test here starts processes
 
 
 def _composed_cases(rank: int, world: int, degrees: dict) -> None:
-    layout = ParallelConfig(engine="fsdp", backend="gloo", dp_shard=2, **degrees).resolve(world)
-    mesh = build_mesh(layout, world, "cpu")
+    dims = ParallelDims.resolve(ParallelConfig(engine="fsdp", backend="gloo", dp_shard=2, **degrees), world)
+    mesh = build_mesh(dims, "cpu")
     dp_rank, dp_size = data_parallel_coordinates(mesh)
     for arch in ("vit", "gpt"):
         for attention in ("translution", "alpha"):
@@ -34,7 +34,7 @@ def _composed_cases(rank: int, world: int, degrees: dict) -> None:
             with torch.device("meta"):
                 model = build_model(cfg)
             with case(f"{degrees}/{arch}/{attention}"):
-                parallelize(model, mesh, layout)
+                parallelize(model, dims, mesh)
                 load_full_state(model, "cpu", reference.state_dict())
                 with BankGatherProbe(model, "fsdp") as probe:
                     train_and_compare(cfg, model, reference, dp_rank, dp_size)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from parallelism.testing import compare_cases, run_in_processes
+from helpers.processes import compare_cases, run_in_processes
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
 VIT = dict(arch="vit", image_size=6, patch_size=2, channels=1, num_classes=5)  # 3×3 grid: 10 tokens, K=28
 GPT = dict(arch="gpt", context_length=8, vocab_size=11)  # an odd vocabulary: uneven vocab-parallel shards

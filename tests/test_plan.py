@@ -22,7 +22,7 @@ from launcher.plan import (
 )
 from launcher.topology import GPU, Devices, Topology
 from parallelism.config import ParallelConfig
-from translution_dist.config import Config, load_config
+from training.config import Config, load_config
 from translution_dist.models import build_model, count_parameters
 
 GiB = 2**30

@@ -3,7 +3,7 @@
 * Saved activations: the per-block and whole-model formulas against the bytes autograd saves
   (``saved_tensors_hooks``, parameters excluded), for every attention kind, ViT and GPT, fp32
   and bf16 autocast. Exact up to a few scalars.
-* Peaks (slow): real ``translution train`` runs under ``launcher.memory_measure`` (torchrun, gloo,
+* Peaks (slow): real ``translution train`` runs under ``helpers.memory_measure`` (torchrun, gloo,
   CPU), one process and FSDP2 on 2 ranks with bank_chunks 1 and 4, CPU offload, gradient
   accumulation, head and displacement parallelism, and DeepSpeed ZeRO-3 with its optimizer on
   the CPU, against :func:`launcher.memory_model.estimate`. Target: within
@@ -34,7 +34,7 @@ from launcher.memory_model import (
     root_activation_bytes,
 )
 from parallelism.config import ParallelConfig
-from translution_dist.config import load_config
+from training.config import load_config
 from translution_dist.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +135,8 @@ CASES = {  # name: (base, processes, overrides)
 
 
 def _measure(config: Path, procs: int, overrides: list[str], out: Path) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    entry = ["-m", "launcher.memory_measure", str(out), str(config), *overrides]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    entry = ["-m", "helpers.memory_measure", str(out), str(config), *overrides]
     if procs == 1:
         argv = [sys.executable, *entry]
     else:
@@ -147,6 +147,7 @@ def _measure(config: Path, procs: int, overrides: list[str], out: Path) -> list[
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(procs)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_model_matches_measured_peaks(tmp_path):
     rows = []

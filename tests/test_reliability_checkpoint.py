@@ -16,6 +16,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+
 from reliability.harness import (
     assert_identical,
     dcp_state,
@@ -27,8 +28,7 @@ from reliability.harness import (
     train_cmd,
     write_config,
 )
-
-from translution_dist.train.checkpoint import CheckpointManager, verify
+from training.checkpoint.store import CheckpointManager, verify
 
 STEPS = 10
 TRAIN = {"steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 5}
@@ -91,6 +91,7 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path, caplog, damage):
 # -- a real run killed while writing, then damaged on disk ------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_crash_mid_write_and_damaged_checkpoints_fall_back_to_a_good_one(reference, tmp_path):
     config = write_config(tmp_path, "crashed", train=TRAIN)
     killed = run(train_cmd(config), fault="kill@checkpoint:8", expect=-signal.SIGKILL)
@@ -118,6 +119,7 @@ def test_crash_mid_write_and_damaged_checkpoints_fall_back_to_a_good_one(referen
 SMALL, LARGE = "800k", "16m"
 
 
+@pytest.mark.multiprocess
 def test_disk_full_stops_the_run_and_keeps_the_previous_checkpoint(reference, tmp_path):
     with tmpfs(tmp_path / "disk", SMALL) as disk:
         config = write_config(tmp_path, "full", run={"output_dir": str(disk)}, train=TRAIN)
@@ -134,6 +136,7 @@ def test_disk_full_stops_the_run_and_keeps_the_previous_checkpoint(reference, tm
         assert_identical(dcp_state(reference / FINAL, tmp_path), dcp_state(disk / "full" / FINAL, tmp_path))
 
 
+@pytest.mark.multiprocess
 def test_disk_full_with_continue_trains_on(reference, tmp_path):
     """``train.on_checkpoint_error=continue``: the failed checkpoint is reported, training goes on, and the
     next checkpoints succeed once there is space (made while step 5 is held back by a 15 s hang)."""

@@ -13,10 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from reliability.harness import launch_cmd, run, train_cmd, write_config
 
 from launcher import launch_command
 from launcher.cli import main
+from reliability.harness import launch_cmd, run, train_cmd, write_config
 
 GOOD = "{tmp}/good.yaml"  # a valid tiny config, engine none (files written by the `inputs` fixture)
 FSDP = "{tmp}/fsdp.yaml"  # the same with engine fsdp, for launch
@@ -160,6 +160,7 @@ def test_launch_refuses_missing_data_before_starting_processes(inputs, capsys, m
     assert "data: no index.json" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_real_commands_exit_2(inputs):
     """What a shell sees: the exit status of the process, its message, and nothing left running."""
     tmp = inputs["tmp"]

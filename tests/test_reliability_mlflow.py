@@ -9,7 +9,10 @@ import signal
 import time
 
 import pytest
+
 from reliability.harness import MlflowServer, lines_with, reap, start, train_cmd, write_config
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
 STEPS = 30
 
@@ -32,7 +35,7 @@ def _wait_for(path, proc, timeout=240):
 def test_server_down_then_restarted_loses_no_metric(tmp_path, server, caplog, monkeypatch):
     import mlflow
 
-    from translution_dist.train.tracking import HTTP_DEFAULTS, Tracker
+    from training.tracking import HTTP_DEFAULTS, Tracker
 
     for key, value in HTTP_DEFAULTS.items():  # what the probe tracker sets, undone after the test
         monkeypatch.setenv(key, value)

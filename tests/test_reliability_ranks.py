@@ -15,6 +15,8 @@ import time
 
 import psutil
 import pytest
+from safetensors.torch import load_file
+
 from reliability.harness import (
     assert_identical,
     dcp_state,
@@ -26,7 +28,8 @@ from reliability.harness import (
     start,
     write_config,
 )
-from safetensors.torch import load_file
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
 STEPS = 48
 EVERY = 4

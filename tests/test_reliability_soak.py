@@ -16,7 +16,10 @@ from collections import defaultdict
 
 import psutil
 import pytest
+
 from reliability.harness import launch_cmd, processes_of, reap, start, write_config
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
 STEPS = int(os.environ.get("TRANSLUTION_SOAK_STEPS", "3000"))
 EVERY = max(STEPS // 12, 1)

@@ -9,10 +9,12 @@ from datetime import datetime
 
 import numpy as np
 import pytest
-from reliability.harness import MODEL, launch_cmd, lines_with, run, train_cmd, write_config
 
+from reliability.harness import MODEL, launch_cmd, lines_with, run, train_cmd, write_config
 from translution_dist.data.image_folder import build_image_folder_shards
 from translution_dist.data.shards import load_index
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
 
 def _log_time(line: str) -> float:

@@ -28,7 +28,7 @@ from launcher.plan import Cluster, plan
 from launcher.shard_dry_run import shard_rank
 from launcher.shard_model import Coordinates, local_shape
 from parallelism.config import ParallelConfig
-from translution_dist.config import load_config
+from training.config import load_config
 from translution_dist.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,7 @@ def _check_ranks(data: dict, count: int) -> int:
     return planned
 
 
+@pytest.mark.multiprocess
 def test_dry_run_of_representative_ranks_matches_the_plan():
     """The real sharding code as the first and last rank and one rank per node (every tp and dp_shard
     coordinate), on a fake process group."""
@@ -96,6 +97,7 @@ def test_dry_run_of_representative_ranks_matches_the_plan():
     print(f"\n8 ranks sharded and checked in {seconds:.0f} s; {planned:,} B of fp32 parameters per rank")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_dry_run_of_all_64_ranks_matches_the_plan():
     """All 64 ranks (about a second each on a free core; the output is recorded in docs/scale.md)."""
@@ -104,6 +106,7 @@ def test_dry_run_of_all_64_ranks_matches_the_plan():
     print(f"\n64 ranks sharded and checked in {seconds:.0f} s; {planned:,} B of fp32 parameters per rank")
 
 
+@pytest.mark.multiprocess
 def test_dry_run_with_displacement_parallelism_and_hsdp():
     data, _ = _dry_run("parallel.dp_replicate=2", "parallel.dispp=2", "parallel.tp=4",
                        "--verify-shards", "0,5,10,15,34,47,63")

@@ -15,7 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from parallelism.testing import prepare_deepspeed_on_cpu
+from helpers.processes import prepare_deepspeed_on_cpu
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"arch": "vit", "attention": "alpha", "dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "mlp_dim": 32,

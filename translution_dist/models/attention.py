@@ -150,6 +150,11 @@ class RelativeAttentionBase(nn.Module):
             getattr(chunk, side).weight.copy_(stored[start:stop])
 
 
+def bank_chunk_modules(module: nn.Module) -> list[_BankChunk]:
+    """The bank chunk modules under ``module`` in forward order: ZeRO-3's gather unit, sharding's target."""
+    return [sub for sub in module.modules() if isinstance(sub, _BankChunk)]
+
+
 def set_pair_chunk_bytes(module: nn.Module, nbytes: int) -> None:
     """Bound the per-pair working memory of every bank chunk under ``module``."""
     for sub in module.modules():

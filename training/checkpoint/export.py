@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from parallelism.checkpoint_safetensors import TensorEntry, write_safetensors
-from parallelism.checkpoint_tools import (
+from training.checkpoint.locate import (
     MODEL_PREFIX,
     CheckpointToolError,
     Located,
@@ -30,6 +29,7 @@ from parallelism.checkpoint_tools import (
     model_config,
     model_entries,
 )
+from training.checkpoint.safetensors_file import TensorEntry, write_safetensors
 from translution_dist.models.official import QueryProjection, official_rules, to_official
 
 BATCH_BYTES = 512 << 20

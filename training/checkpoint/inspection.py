@@ -12,7 +12,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from parallelism.checkpoint_tools import (
+from training.checkpoint.locate import (
     BANK_PATTERN,
     MODEL_PREFIX,
     OPTIM_STATE_PREFIX,

@@ -1,9 +1,9 @@
-"""The trainer's engine interface over DeepSpeed ZeRO-3 (``parallel.engine: deepspeed``).
+"""The training backend over DeepSpeed ZeRO-3 (``parallel.engine: deepspeed``).
 
 DeepSpeed owns gathering, gradient reduction, clipping and the optimizer (offloaded to CPU or
 NVMe as configured). Its checkpoints are the DCP checkpoints every engine writes
-(:mod:`translution_dist.train.deepspeed_checkpoint`), wrapped by the trainer's atomic
-protocol: any engine resumes them at any world size, and this one resumes theirs. They are
+(:mod:`training.checkpoint.deepspeed_state`), wrapped by the trainer's atomic
+protocol: any backend resumes them at any world size, and this one resumes theirs. They are
 written synchronously: ``train.async_checkpoint`` does not apply (each parameter is gathered
 by collectives of the training thread before anything is written).
 """
@@ -19,31 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallelism.deepspeed_engine import build_deepspeed_engine
-from translution_dist.config import Config
-from translution_dist.train import deepspeed_checkpoint
-from translution_dist.train.engine import DistContext, StepResult, all_reduce_mean, build_adamw
-from translution_dist.train.schedule import warmup_cosine
-from translution_dist.train.tasks import StepOutput
+from parallelism.deepspeed_zero import build_deepspeed_engine
+from training.backend import DistContext, StepFn, StepResult, all_reduce_mean
+from training.checkpoint import deepspeed_state
+from training.config import Config
+from training.optim import build_adamw, build_schedule
+from training.tasks import StepOutput
 
 log = logging.getLogger(__name__)
 
 
-class DeepSpeedTrainEngine:
+class DeepSpeedBackend:
     def __init__(self, cfg: Config, ctx: DistContext, model_fn: Callable[[], nn.Module]) -> None:
         self.cfg = cfg
         self.ctx = ctx
         optim = cfg.optim
-
-        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return warmup_cosine(optimizer, lr=optim.lr, min_lr=optim.min_lr, warmup_steps=optim.warmup_steps,
-                                 total_steps=cfg.train.steps)
-
         # DeepSpeedCPUAdam serves a GPU run whose optimizer lives in host memory; on a machine
         # without GPUs the plain torch AdamW does the same work (and CPUAdam aborts at exit there).
         self.engine = build_deepspeed_engine(
-            model_fn, cfg.parallel, optim, micro_batch_size=cfg.train.micro_batch_size,
-            grad_accum=cfg.train.grad_accum, precision=cfg.train.precision, lr_scheduler=schedule,
+            model_fn, ctx.dims.config, optim, micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum, precision=cfg.train.precision,
+            lr_scheduler=lambda optimizer: build_schedule(optimizer, cfg),
             cpu_adam=torch.cuda.is_available())
         self.model = self.engine
         self._torch_adamw_defaults = build_adamw([nn.Parameter(torch.zeros(1))], optim).defaults
@@ -54,7 +50,7 @@ class DeepSpeedTrainEngine:
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]
 
-    def train_step(self, micro_batches: list, step_fn) -> StepResult:
+    def train_step(self, micro_batches: list, step_fn: StepFn) -> StepResult:
         """Backward every micro-batch; the optimizer step only if the loss is finite on every rank.
 
         DeepSpeed counts micro-batches to know when to step, so a step cannot be skipped half
@@ -81,11 +77,11 @@ class DeepSpeedTrainEngine:
 
     def save_state(self, path: Path, asynchronous: bool) -> Future | None:
         """Write ``path/dcp`` now, whatever ``asynchronous`` says (see the module docstring)."""
-        deepspeed_checkpoint.save(self.engine, path, self._torch_adamw_defaults)
+        deepspeed_state.save(self.engine, path, self._torch_adamw_defaults)
         return None
 
     def load_state(self, path: Path) -> None:
-        deepspeed_checkpoint.load(self.engine, path)
+        deepspeed_state.load(self.engine, path)
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.engine.lr_scheduler.state_dict()

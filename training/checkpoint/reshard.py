@@ -7,7 +7,7 @@ consecutive rows ``[start_c, stop_c)`` of the bank in ``layout.storage_order``. 
 concatenates a bank's chunks (and, the same way, the optimizer moments of those chunks),
 cuts the rows at the new chunk bounds, renames the optimizer's parameter lists, and writes
 a complete checkpoint through the same atomic protocol as the trainer
-(:class:`~translution_dist.train.checkpoint.CheckpointManager`).
+(:class:`~training.checkpoint.store.CheckpointManager`).
 
 The output is a new run directory ``DIR`` holding ``config.yaml`` (the source run's
 resolved config with ``run.output_dir``/``run.name`` pointing at ``DIR``, the new
@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
 from torch import Tensor
 
-from parallelism.checkpoint_tools import (
+from training.checkpoint.locate import (
     BANK_PATTERN,
     CheckpointToolError,
     Located,
@@ -42,10 +42,10 @@ from parallelism.checkpoint_tools import (
     model_config,
     single_process,
 )
-from translution_dist.config import Config, apply_override, dump_config, format_validation_error
+from training.checkpoint.store import CheckpointError, CheckpointManager, step_dir_name
+from training.config import Config, apply_override, dump_config, format_validation_error
 from translution_dist.models import ModelConfig, build_model
 from translution_dist.models.attention import chunk_bounds
-from translution_dist.train.checkpoint import CheckpointError, CheckpointManager, step_dir_name
 
 V = TypeVar("V")
 Family = tuple[str, str]  # ("encoder.blocks.0.attn.score_banks", "q")

@@ -6,7 +6,7 @@ partitioned as soon as that module is built (each rank briefly holds one module'
 one bank chunk side or one plain layer, never the model), and the random initialisation
 equals the single-process one of the same seed: every rank draws the full tensor, then keeps
 its part. Nothing here gathers the whole model on one rank; the trainer's checkpoints of this
-engine are the DCP checkpoints of the others (``translution_dist.train.deepspeed_checkpoint``).
+engine are the DCP checkpoints of the others (``training.checkpoint.deepspeed_state``).
 
 Gather granularity: DeepSpeed fetches a module's *own* parameters in its forward, but a bank
 chunk uses the weights of its ``DisplacementBank`` children without calling them, so the
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import nn
 
-from parallelism.fsdp import BANK_CHUNK_TYPES, bank_chunks
+from translution_dist.models.attention import ScoreBankChunk, ValueBankChunk, bank_chunk_modules
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -46,7 +46,7 @@ DEFAULT_NVME_BUFFER = 100_000_000
 
 
 class AdamWSettings(Protocol):
-    """The optimizer fields the config needs (``translution_dist.config.OptimSection`` has them)."""
+    """The optimizer fields the config needs (``training.config.OptimSection`` has them)."""
 
     lr: float
     betas: tuple[float, float]
@@ -75,7 +75,7 @@ class ParameterSizes:
 
 def parameter_sizes(model: nn.Module) -> ParameterSizes:
     """Sizes of ``model``'s parameters and bank chunks; works on the meta device."""
-    banks = [p.numel() for chunk in bank_chunks(model) for p in chunk.parameters()]
+    banks = [p.numel() for chunk in bank_chunk_modules(model) for p in chunk.parameters()]
     return ParameterSizes(
         largest_parameter=max(p.numel() for p in model.parameters()),
         smallest_bank_parameter=min(banks) if banks else None,
@@ -191,7 +191,7 @@ def build_deepspeed_engine(model_fn: Callable[[], nn.Module], parallel: Parallel
                               precision=precision, cpu_adam=cpu_adam, prefetch_numel=prefetch_numel)
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = model_fn()
-    set_z3_leaf_modules(model, list(BANK_CHUNK_TYPES), raise_if_not_found=False)
+    set_z3_leaf_modules(model, [ScoreBankChunk, ValueBankChunk], raise_if_not_found=False)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=config, lr_scheduler=lr_scheduler)
     return engine

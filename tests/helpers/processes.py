@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from parallelism import parallelize
+from parallelism import ParallelDims, parallelize
 from parallelism.config import ParallelConfig
 from parallelism.mesh import build_mesh, finish_collectives, init_distributed
 from translution_dist.models import ModelConfig, build_model
@@ -33,7 +33,7 @@ from translution_dist.models import ModelConfig, build_model
 def prepare_deepspeed_on_cpu() -> None:
     """DeepSpeed's CPU accelerator, its JIT-built ops cached in the repository's ``.venv`` (call before importing it)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    venv = Path(__file__).resolve().parents[1] / ".venv"
+    venv = Path(__file__).resolve().parents[2] / ".venv"
     if venv.is_dir():
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(venv / "torch_extensions"))
 
@@ -105,11 +105,11 @@ def compare_with_single_process(rank: int, world_size: int, model_fields: dict, 
     ``state_dict`` under ``"reference_state"``.
     """
     model_config = ModelConfig(**model_fields)
-    layout = ParallelConfig(**parallel_fields).resolve(world_size)
+    dims = ParallelDims.resolve(ParallelConfig(**parallel_fields), world_size)
     torch.manual_seed(0)
     reference = build_model(model_config)
     model = copy.deepcopy(reference)
-    parallelize(model, build_mesh(layout, world_size, "cpu"), layout)
+    parallelize(model, dims, build_mesh(dims, "cpu"))
     # eps well above fp32 noise: Adam's first steps are ~lr·sign(g), which a 1e-8 difference in a
     # near-zero gradient could flip.
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-4, foreach=False) for m in (reference, model)]

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from parallelism.fsdp import bank_chunks
+from translution_dist.models.attention import bank_chunk_modules
 
-Engine = Literal["fsdp", "deepspeed"]
+ZeroEngine = Literal["fsdp", "deepspeed"]
 
 
 def _fsdp_numel(chunk: nn.Module) -> int:
@@ -73,8 +73,8 @@ class BankGatherProbe:
     sides), the bound that one-chunk-at-a-time gathering must respect.
     """
 
-    def __init__(self, model: nn.Module, engine: Engine) -> None:
-        self.chunks = bank_chunks(model)
+    def __init__(self, model: nn.Module, engine: ZeroEngine) -> None:
+        self.chunks = bank_chunk_modules(model)
         if not self.chunks:
             raise ValueError("model has no bank chunks to probe")
         deepspeed = engine == "deepspeed"

@@ -23,8 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from training.checkpoint.store import MARKER, PREFIX, CheckpointManager, verify
 from translution_dist.models import ModelConfig
-from translution_dist.train.checkpoint import MARKER, PREFIX, CheckpointManager, verify
 
 MODEL_PREFIX = "model."
 OPTIM_STATE_PREFIX = "optim.state."

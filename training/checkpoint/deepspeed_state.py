@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 state as the DCP checkpoint every engine writes.
 
 The layout is the one ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives the torch
-engines (``TorchEngine.save_state``), global shapes throughout:
+engines (``TorchBackend.save_state``), global shapes throughout:
 
 * ``model.<fqn>``: the fp32 parameter (DeepSpeed's fp32 master, also in bf16/fp16 mode);
 * ``optim.state.<fqn>.step|exp_avg|exp_avg_sq``: AdamW's state, the step a float32 scalar;

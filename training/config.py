@@ -118,12 +118,6 @@ class Config(_Section):
     def run_dir(self) -> Path:
         return self.run.output_dir / self.run.name
 
-    def layout_tag(self, world_size: int) -> str:
-        """The layout in one line (MLflow tag, checkpoint ``meta.json``), degrees resolved."""
-        p = self.parallel.resolve(world_size)
-        return (f"{p.engine}:dp_replicate={p.dp_replicate},dp_shard={p.dp_shard},tp={p.tp},dispp={p.dispp}"
-                f",bank_chunks={self.model.bank_chunks}")
-
 
 def _read_yaml(path: Path, what: str) -> Any:
     try:

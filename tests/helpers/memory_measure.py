@@ -1,4 +1,4 @@
-"""``python -m launcher.memory_measure OUT_DIR CONFIG [key=value …]``: train, and record peak tensor bytes.
+"""``python -m helpers.memory_measure OUT_DIR CONFIG [key=value …]``: train, and record peak tensor bytes.
 
 Runs ``translution train`` in this process (start it under torchrun for several ranks) and
 writes ``OUT_DIR/rank<R>.json``: for every optimizer step, the peak of live tensor bytes
@@ -121,14 +121,14 @@ class Measurement:
 
 def _engine_classes() -> list[type]:
     """The trainer's engines whose ``train_step`` is one optimizer step."""
-    from translution_dist.train.engine import TorchEngine
+    from training.torch_backend import TorchBackend
 
-    classes: list[type] = [TorchEngine]
+    classes: list[type] = [TorchBackend]
     try:
-        from translution_dist.train.deepspeed_adapter import DeepSpeedTrainEngine
+        from training.deepspeed_backend import DeepSpeedBackend
     except ImportError:  # DeepSpeed not installed
         return classes
-    return [*classes, DeepSpeedTrainEngine]
+    return [*classes, DeepSpeedBackend]
 
 
 def measure(train_argv: list[str]) -> Measurement:

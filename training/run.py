@@ -1,0 +1,164 @@
+"""One training process, end to end: distributed set-up → sharded model → data → loop.
+
+The layout is resolved once (:class:`parallelism.ParallelDims`) and passed on. The model is
+built on the meta device, sharded by ``parallelism`` and materialised shard by shard on its
+owner, so no rank ever holds the whole model. A single process with no layout skips the
+process group entirely. The run installs the loop's wrappers: fault injection when
+``$TRANSLUTION_FAULT`` is set, and the diagnosis of stalled collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from parallelism import (
+    ParallelDims,
+    build_mesh,
+    data_parallel_coordinates,
+    finish_collectives,
+    init_distributed,
+    parallelize,
+)
+from parallelism.materialize import materialize
+from training.backend import DistContext, TrainingBackend
+from training.config import Config, ConfigError, dump_config
+from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
+from training.stall import diagnose_stalls
+from training.torch_backend import TorchBackend
+from training.trainer import Trainer, TrainResult
+from translution_dist.data.loader import build_dataloader
+from translution_dist.data.sources import open_source
+from translution_dist.models import build_model
+
+log = logging.getLogger("translution.train")
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def resolve_layout(cfg: Config, world_size: int) -> ParallelDims:
+    """The layout of this process, or a config error (exit code 2) before any process group or directory exists."""
+    parse_faults(os.environ.get(FAULT_ENV, ""))
+    try:
+        dims = ParallelDims.resolve(cfg.parallel, world_size)
+    except ValueError as err:
+        raise ConfigError(f"parallel: {err}") from err
+    if dims.engine != "none" and "RANK" not in os.environ:
+        raise ConfigError(f"parallel.engine={dims.engine} needs the process group that torchrun sets up: start it "
+                          "with `translution launch CONFIG --nproc-per-node N`, or set parallel.engine=none to "
+                          "train in this one process")
+    return dims
+
+
+def setup(cfg: Config) -> DistContext:
+    """Join the process group (when launched as several processes) and build the mesh."""
+    dims = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if not dims.uses_process_group:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return DistContext(0, 0, device, dims, None, 0, 1)
+    device = init_distributed(dims.config, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    mesh = build_mesh(dims, device.type)
+    dp_rank, dp_size = data_parallel_coordinates(mesh)
+    return DistContext(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), device, dims, mesh, dp_rank, dp_size)
+
+
+def build_sharded_model(cfg: Config, ctx: DistContext) -> torch.nn.Module:
+    torch.manual_seed(cfg.run.seed)
+    if ctx.mesh is None:
+        with ctx.device:
+            return build_model(cfg.model)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    parallelize(model, ctx.dims, ctx.mesh)
+    materialize(model, ctx.device, seed=cfg.run.seed, mesh=ctx.mesh, cpu_offload=ctx.dims.config.cpu_offload)
+    return model
+
+
+def build_backend(cfg: Config, ctx: DistContext) -> TrainingBackend:
+    """DeepSpeed builds and shards the model itself; the torch backend gets a model sharded here."""
+    if ctx.dims.engine == "deepspeed":
+        from training.deepspeed_backend import DeepSpeedBackend
+
+        torch.manual_seed(cfg.run.seed)
+        return DeepSpeedBackend(cfg, ctx, lambda: build_model(cfg.model))
+    return TorchBackend(cfg, ctx, build_sharded_model(cfg, ctx))
+
+
+def check_data(cfg: Config) -> None:
+    """Open the configured splits, so that missing or mismatched data is refused before any process starts."""
+    try:
+        open_source(cfg.data, "train")
+        if cfg.train.eval_batches:
+            open_source(cfg.data, "test")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
+
+
+def build_loaders(cfg: Config, ctx: DistContext) -> dict:
+    """The train (and eval) loaders; missing or mismatched data is a config error, reported before the run starts."""
+    batch = cfg.train.micro_batch_size
+    try:
+        loaders = {"train": build_dataloader(cfg.data, split="train", dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                                             batch_size=batch, seed=cfg.run.seed)}
+        if cfg.train.eval_batches:
+            loaders["eval"] = build_dataloader(cfg.data, split="test", dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                                               batch_size=batch, seed=cfg.run.seed)[0]
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
+    return loaders
+
+
+def write_run_dir(cfg: Config, ctx: DistContext) -> None:
+    """Create the run directory and record the resolved config (rank 0), before any state is written.
+
+    A directory that cannot be written is a config error on every rank (exit code 2), found before training.
+    """
+    error = None
+    if ctx.is_main:
+        try:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+        except OSError as err:
+            error = (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
+                     "choose a writable run.output_dir")
+    if ctx.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ConfigError(error)
+
+
+def _with_faults(trainer: Trainer) -> None:
+    """Route the trainer's steps and checkpoint writes through ``$TRANSLUTION_FAULT``'s faults, if any."""
+    faults = faults_for(trainer.ctx.rank)
+    if faults:
+        trainer.backend = FaultInjectingBackend(trainer.backend, faults, trainer.ctx.rank, lambda: trainer.step)
+
+
+def train(cfg: Config) -> TrainResult:
+    ctx = setup(cfg)
+    _configure_logging(ctx.rank)
+    try:
+        backend = build_backend(cfg, ctx)
+        loaders = build_loaders(cfg, ctx)
+        write_run_dir(cfg, ctx)
+        trainer = Trainer(cfg, ctx, backend, loaders)
+        _with_faults(trainer)
+        with diagnose_stalls(ctx.rank, ctx.world_size, cfg.train.collective_timeout_s, lambda: trainer.phase):
+            result = trainer.run()
+        finish_collectives()  # only on success: after a failure a peer may be gone
+        if ctx.is_main:
+            log.info("done: step %d, loss %.4f, eval %s; run directory %s", result.final_step, result.final_loss,
+                     {k: round(v, 4) for k, v in result.eval_metrics.items()}, result.run_dir)
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
