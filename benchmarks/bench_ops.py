@@ -19,6 +19,11 @@ Usage::
 
     python benchmarks/bench_ops.py            # full run: table, JSON, docs/benchmarks.md
     python benchmarks/bench_ops.py --quick    # smoke subset (seconds), JSON only
+    python benchmarks/bench_ops.py --device cuda --layouts grid14,causal160 --sweep-mib ''   # on a GPU, JSON only
+
+On a GPU, *tensors* is the increase of ``torch.cuda.max_memory_allocated`` (GPU memory) and
+*RSS* the host process's, times are taken after ``torch.cuda.synchronize``, the matmul
+reference is the GPU's fp32 matmul, and the profiler breakdown (CPU self time) is skipped.
 """
 
 from __future__ import annotations
@@ -87,8 +92,11 @@ def naive_estimate_bytes(spec: str, kind: str, batch: int, dim: int, inner: int)
     return 4 * n * n * dim * inner * 4 * (batch if kind == "official" else 1)
 
 
-def layer_configs(quick: bool, budget: int | None) -> list[dict]:
-    layouts = ["grid4"] if quick else ["grid4", "grid7", "grid14", "causal64", "causal160"]
+LAYOUTS = ("grid4", "grid7", "grid14", "causal64", "causal160")
+
+
+def layer_configs(quick: bool, budget: int | None, layouts: list[str]) -> list[dict]:
+    layouts = ["grid4"] if quick else layouts
     return [dict(task="layer", group="layers", layout=spec, kind=kind, batch=2 if quick else 8, budget=budget)
             for spec in layouts for kind in KINDS]
 
@@ -98,8 +106,8 @@ def sweep_configs(budgets_mib: list[int]) -> list[dict]:
             for spec in ("grid7", "grid14", "causal160") for mib in budgets_mib]
 
 
-def breakdown_configs(quick: bool, budget: int | None) -> list[dict]:
-    layouts = ["grid4"] if quick else ["grid7", "grid14", "causal160"]
+def breakdown_configs(quick: bool, budget: int | None, layouts: list[str]) -> list[dict]:
+    layouts = ["grid4"] if quick else [spec for spec in ("grid7", "grid14", "causal160") if spec in layouts]
     return [dict(task="layer", group="breakdown", breakdown=True, layout=spec, kind="translution",
                  batch=2 if quick else 8, budget=budget) for spec in layouts]
 
@@ -197,6 +205,25 @@ def time_steps(step, min_seconds: float, min_iters: int, patience_seconds: float
                 quiet_iterations=len(quiet), quiet=enough, other_load_cores=loads[len(loads) // 2])
 
 
+def peak_cuda_increase(step, clear) -> int:
+    """Peak GPU memory allocated during one ``step()`` above what was allocated before it (after ``clear()``)."""
+    clear()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _synchronized(step):
+    """``step`` followed by a wait for the GPU's queued work (so that its time is the work's)."""
+    def run():
+        step()
+        torch.cuda.synchronize()
+    return run
+
+
 def _layer_step(cfg: dict):
     from helpers.reference import naive_translution
     from translution_dist.models.attention import (
@@ -219,8 +246,10 @@ def _layer_step(cfg: dict):
         layer = TranslutionAttention(layout, WIDTH, HEADS, DIM_HEAD)
     if cfg["budget"] is not None:
         set_pair_chunk_bytes(layer, cfg["budget"])
-    x = torch.randn(batch, n, WIDTH, requires_grad=True)
-    grad = torch.randn(batch, n, WIDTH)
+    device = cfg.get("device", "cpu")
+    layer.to(device)
+    x = torch.randn(batch, n, WIDTH, device=device, requires_grad=True)
+    grad = torch.randn(batch, n, WIDTH, device=device)
     if kind in NAIVE_KINDS:
         forward = lambda: naive_translution(layer, x, per_sample_bank=kind == "official")  # noqa: E731
     else:
@@ -248,9 +277,11 @@ def _model_step(cfg: dict):
                                     patch_size=12, channels=1, num_classes=10))
     if cfg["budget"] is not None:
         set_pair_chunk_bytes(model, cfg["budget"])
+    device = cfg.get("device", "cpu")
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images = torch.randn(cfg["batch"], 1, 84, 84)
-    labels = torch.randint(0, 10, (cfg["batch"],))
+    images = torch.randn(cfg["batch"], 1, 84, 84, device=device)
+    labels = torch.randint(0, 10, (cfg["batch"],), device=device)
 
     def clear():
         optimizer.zero_grad(set_to_none=True)
@@ -312,11 +343,14 @@ def breakdown(step, iterations: int) -> dict:
 def run_worker(cfg: dict) -> dict:
     quick = cfg.get("quick", False)
     step, clear = _layer_step(cfg) if cfg["task"] == "layer" else _model_step(cfg)
+    cuda = cfg.get("device", "cpu") == "cuda"
+    if cuda:
+        step = _synchronized(step)
     step()  # plans, caches
     if cfg.get("breakdown"):
         return breakdown(step, iterations=2 if quick else 15)
-    result = dict(peak_rss_mib=peak_rss_increase(step, clear) / 2**20,
-                  peak_tensor_mib=peak_tensor_increase(step, clear) / 2**20)
+    tensors = peak_cuda_increase if cuda else peak_tensor_increase
+    result = dict(peak_rss_mib=peak_rss_increase(step, clear) / 2**20, peak_tensor_mib=tensors(step, clear) / 2**20)
     slow = cfg["kind"] in NAIVE_KINDS
     result.update(time_steps(step, min_seconds=0.2 if quick else (2.0 if slow else 3.0),
                              min_iters=2 if quick else (3 if slow else 10),
@@ -324,15 +358,16 @@ def run_worker(cfg: dict) -> dict:
     return result
 
 
-def matmul_gflops(size: int, repeats: int, patience_seconds: float) -> tuple[float, bool]:
+def matmul_gflops(size: int, repeats: int, patience_seconds: float, device: str = "cpu") -> tuple[float, bool]:
     """Best fp32 ``size³`` matmul rate (GFLOP/s) over ``repeats`` undisturbed runs, and whether they were found."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    matmul = _synchronized(lambda: a @ b) if device == "cuda" else (lambda: a @ b)
+    matmul()
     quiet, every = [], []
     start = time.perf_counter()
     while len(quiet) < repeats and (time.perf_counter() - start < patience_seconds or not every):
         busy0, own0, t0 = _machine_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
-        a @ b
+        matmul()
         dt = time.perf_counter() - t0
         every.append(dt)
         if ((_machine_busy_seconds() - busy0) - (_own_cpu_seconds() - own0)) / dt < QUIET_CORES:
@@ -363,16 +398,17 @@ def add_rates(row: dict, matmul: float) -> None:
         row["gflops_executed"] = 4 * forward / seconds / 1e9
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if device == "cuda" else {}
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version(), memory_gib=round(os.sysconf("SC_PAGE_SIZE")
-                                                                   * os.sysconf("SC_PHYS_PAGES") / 2**30, 1))
+                                                                   * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), **gpu)
 
 
 def main() -> None:
@@ -385,6 +421,10 @@ def main() -> None:
                         help="pair-chunk budget of the Translution kernels (default: the library default)")
     parser.add_argument("--sweep-mib", type=str, default="4,8,16,32,64",
                         help="pair-chunk budgets (MiB) to sweep for Translution; empty to skip (skipped by --quick)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the layers and models run (cuda: the first GPU; no docs unless --docs)")
+    parser.add_argument("--layouts", type=str, default=",".join(LAYOUTS),
+                        help=f"layer layouts, comma-separated, among {', '.join(LAYOUTS)} (default: all)")
     parser.add_argument("--worker", type=str, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -394,17 +434,23 @@ def main() -> None:
     from translution_dist.models.attention import DEFAULT_PAIR_CHUNK_BYTES
 
     budget = None if args.pair_chunk_mib is None else args.pair_chunk_mib << 20
+    layouts = args.layouts.split(",")
+    if unknown := sorted(set(layouts) - set(LAYOUTS)):
+        parser.error(f"--layouts: unknown {', '.join(unknown)}; choose among {', '.join(LAYOUTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
     started = time.time()
     matmul, matmul_quiet = matmul_gflops(512 if args.quick else 4096, 3 if args.quick else 7,
-                                         patience_seconds=1.0 if args.quick else 120.0)
+                                         patience_seconds=1.0 if args.quick else 120.0, device=args.device)
     print(f"fp32 matmul: {matmul:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
           + ("" if matmul_quiet else " (DISTURBED by other processes)"), flush=True)
     sweep = [] if args.quick or not args.sweep_mib else [int(v) for v in args.sweep_mib.split(",")]
-    configs = (layer_configs(args.quick, budget) + breakdown_configs(args.quick, budget)
+    breakdowns = [] if args.device == "cuda" else breakdown_configs(args.quick, budget, layouts)
+    configs = (layer_configs(args.quick, budget, layouts) + breakdowns
                + model_configs(args.quick, budget) + sweep_configs(sweep))
     rows = []
     for i, cfg in enumerate(configs, 1):
-        cfg = dict(cfg, quick=args.quick)
+        cfg = dict(cfg, quick=args.quick, device=args.device)
         row = dict(cfg)
         if cfg["task"] == "layer":
             row["pairs"] = allowed_pairs(cfg["layout"])
@@ -425,7 +471,7 @@ def main() -> None:
     report = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-        machine=machine(), matmul_gflops=matmul, matmul_quiet=matmul_quiet, seconds=time.time() - started,
+        machine=machine(args.device), device=args.device, matmul_gflops=matmul, matmul_quiet=matmul_quiet, seconds=time.time() - started,
         settings=dict(batch=2 if args.quick else 8, width=WIDTH, heads=HEADS, dim_head=DIM_HEAD,
                       alpha_rank=ALPHA_RANK, pair_chunk_bytes=budget or DEFAULT_PAIR_CHUNK_BYTES),
         **{group: [r for r in rows if r["group"] == group] for group in ("layers", "breakdown", "models", "sweep")},
@@ -436,7 +482,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
-    docs = args.docs if args.docs is not None else (None if args.quick else DOCS)
+    docs = args.docs if args.docs is not None else (None if args.quick or args.device != "cpu" else DOCS)
     if docs is not None:
         write_docs(docs, text, report)
         print(f"refreshed {docs}")
@@ -501,6 +547,8 @@ def render(report: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gib']} GiB; "
         f"torch {m['torch']}, Python {m['python']}. Measured fp32 matmul (4096³ sgemm, best of 7): "
         f"**{report['matmul_gflops']:.0f} GFLOP/s**" + ("." if report["matmul_quiet"] else " († disturbed)."),
+        *([f"Device: **{m['gpu']}** (CUDA {m['cuda']}); peak tensors are GPU memory, RSS the host process's."]
+          if "gpu" in m else []),
         f"Date: {report['date']}. Command: `{report['command']}`.",
         f"Layer: batch {s['batch']}, width {s['width']}, {s['heads']} heads × {s['dim_head']}, "
         f"pair-chunk budget {s['pair_chunk_bytes'] >> 20} MiB.",

@@ -38,6 +38,7 @@ from launcher.shard_model import (
     model_parallel_shape,
     padded_shard_numel,
 )
+from parallelism.activation_checkpoint import ActivationCheckpoint
 from parallelism.config import ParallelConfig
 from translution_dist.models import ModelConfig
 from translution_dist.models.attention import DEFAULT_PAIR_CHUNK_BYTES, chunk_bounds
@@ -81,19 +82,37 @@ class Phase:
 
 @dataclass(frozen=True)
 class Activations:
-    """Saved-for-backward bytes of one rank, and the same with per-block recomputation."""
+    """Saved-for-backward bytes of one rank under ``train.activation_checkpoint``.
 
-    per_block: int
+    With recomputation every block keeps less (``block``: its input; ``selective``: all but
+    what its feed-forward saves beyond its input), and the block whose backward runs holds the
+    tensors it recomputes on top (counted at the start of backward, with the kernels' working set).
+    """
+
+    per_block: int  # without recomputation
     blocks: int
     root: int
     recompute_per_block: int  # a checkpointed block keeps only its input
+    feed_forward: int  # what a block's feed-forward saves beyond its input (selective recomputes it)
+    mode: ActivationCheckpoint = "none"
+
+    @property
+    def kept_per_block(self) -> int:
+        return {"none": self.per_block, "block": self.recompute_per_block,
+                "selective": self.per_block - self.feed_forward}[self.mode]
+
+    @property
+    def recomputed(self) -> int:
+        """Bytes one block recomputes in its backward."""
+        return {"none": 0, "block": self.per_block, "selective": self.feed_forward}[self.mode]
 
     @property
     def total(self) -> int:
-        return self.per_block * self.blocks + self.root
+        return self.kept_per_block * self.blocks + self.recomputed + self.root
 
     @property
     def total_recompute(self) -> int:
+        """The total with per-block recomputation, whatever the mode (the planner's hint)."""
         return self.recompute_per_block * self.blocks + self.per_block + self.root
 
 
@@ -192,12 +211,11 @@ def _shapes(model: ModelConfig, layout: ParallelConfig, batch: int) -> Shapes:
 def block_activation_bytes(model: ModelConfig, layout: ParallelConfig, s: Shapes, p: Precision) -> int:
     """Bytes one block saves for backward on one rank (see ``docs/scale.md`` for the list)."""
     bn = s.batch * s.tokens
-    stats = 2 * 2 * FP32  # LayerNorm mean and rstd, two norms per block
+    stats = 2 * FP32  # the attention's LayerNorm mean and rstd
     dense = s.batch * s.heads * s.tokens ** 2
     causal_mask = s.tokens ** 2 if model.arch == "gpt" and layout.dispp == 1 else 0
     probs = p.probs(model, layout)
-    # Feed-forward: its norm's input, the (copy of the) norm output up_proj saves, GELU in/out.
-    ff = s.dim * p.resid + s.dim * p.linear_in + 2 * s.mlp * p.linear_out
+    ff = s.dim * p.resid + _feed_forward_beyond_input(s, p)  # its norm's input (the residual stream), the rest
     if model.attention == "translution":
         plain = 3 - len(model.relative)
         # The norm output, in the compute dtype (one autocast copy), is the input of every side, bank or Linear.
@@ -211,6 +229,16 @@ def block_activation_bytes(model: ModelConfig, layout: ParallelConfig, s: Shapes
         attn = s.dim * p.resid + s.dim * p.linear_in + 3 * s.inner * p.linear_out + s.inner * p.linear_out
         return bn * (attn + ff + stats) + s.batch * s.heads * s.tokens * FP32
     return bn * (attn + ff + stats) + dense * probs + causal_mask
+
+
+def _feed_forward_beyond_input(s: Shapes, p: Precision) -> int:
+    """Per token: the feed-forward's norm statistics, the (copy of the) norm output up_proj saves, GELU in/out."""
+    return 2 * FP32 + s.dim * p.linear_in + 2 * s.mlp * p.linear_out
+
+
+def feed_forward_bytes(s: Shapes, p: Precision) -> int:
+    """Bytes a block's feed-forward saves beyond its input: what ``selective`` recomputation drops."""
+    return s.batch * s.tokens * _feed_forward_beyond_input(s, p)
 
 
 def root_activation_bytes(model: ModelConfig, s: Shapes, p: Precision) -> int:
@@ -337,6 +365,7 @@ class RunShape:
     train_precision: str = "fp32"
     device: str = "cuda"  # cuda: GPUs; cpu: every term lives in host memory
     grad_accum: int = 1
+    activation_checkpoint: ActivationCheckpoint = "none"
 
 
 @functools.lru_cache(maxsize=32)
@@ -376,7 +405,7 @@ def estimate(run: RunShape, layout: ParallelConfig) -> MemoryEstimate:
     s = _shapes(model, layout, run.micro_batch)
     per_block = block_activation_bytes(model, layout, s, p)
     acts = Activations(per_block, model.dims.depth, root_activation_bytes(model, s, p),
-                       s.batch * s.tokens * s.dim * p.resid)
+                       s.batch * s.tokens * s.dim * p.resid, feed_forward_bytes(s, p), run.activation_checkpoint)
     working = max(kernel_transient_bytes(model, layout, s, p), head_transient_bytes(model, s))
     working += autocast_weight_bytes(c, layout, p)
     host_index, device_index = index_bytes(model, layout, run.micro_batch)

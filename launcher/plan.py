@@ -217,7 +217,8 @@ def _engines(cfg: Config, cluster: Cluster, tp: int, dispp: int, replicate: int,
 
 
 def run_shape(cfg: Config, cluster: Cluster) -> RunShape:
-    return RunShape(cfg.model, cfg.train.micro_batch_size, cfg.train.precision, cluster.device, cfg.train.grad_accum)
+    return RunShape(cfg.model, cfg.train.micro_batch_size, cfg.train.precision, cluster.device, cfg.train.grad_accum,
+                    cfg.train.activation_checkpoint)
 
 
 def evaluate(cfg: Config, layout: ParallelConfig, cluster: Cluster) -> Candidate:

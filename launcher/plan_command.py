@@ -169,8 +169,13 @@ def _breakdown(est: MemoryEstimate, gpus: bool) -> list[str]:
             out.append(f"  {label} {fmt_bytes(est.peak(where))} at {phase}: "
                        + ", ".join(f"{t.name} {fmt_bytes(t.bytes)}" for t in terms))
     a = est.activations
-    out.append(f"  activations: {fmt_bytes(a.per_block)} per block × {a.blocks} + {fmt_bytes(a.root)} root "
-               f"= {fmt_bytes(a.total)} ({fmt_bytes(a.total_recompute)} with per-block recomputation)")
+    if a.mode == "none":
+        out.append(f"  activations: {fmt_bytes(a.per_block)} per block × {a.blocks} + {fmt_bytes(a.root)} root "
+                   f"= {fmt_bytes(a.total)} ({fmt_bytes(a.total_recompute)} with per-block recomputation)")
+    else:
+        out.append(f"  activations ({a.mode} recomputation): {fmt_bytes(a.kept_per_block)} per block × {a.blocks} "
+                   f"+ {fmt_bytes(a.recomputed)} recomputed + {fmt_bytes(a.root)} root = {fmt_bytes(a.total)} "
+                   f"({fmt_bytes(a.per_block * a.blocks + a.root)} without)")
     return out
 
 
@@ -184,7 +189,8 @@ def _estimate_json(est: MemoryEstimate) -> dict[str, Any]:
                    for p in est.phases},
         "activations": {"per_block": est.activations.per_block, "blocks": est.activations.blocks,
                         "root": est.activations.root, "total": est.activations.total,
-                        "total_with_recompute": est.activations.total_recompute},
+                        "total_with_recompute": est.activations.total_recompute,
+                        "activation_checkpoint": est.activations.mode},
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from parallelism.activation_checkpoint import apply_activation_checkpoint
 from parallelism.config import ParallelConfig
 from parallelism.displacement_parallel import DisplacementBalance, apply_displacement_parallel, displacement_balance
 from parallelism.layout import ParallelDims
@@ -45,6 +46,7 @@ __all__ = [
     "DisplacementBalance",
     "ParallelConfig",
     "ParallelDims",
+    "apply_activation_checkpoint",
     "apply_displacement_parallel",
     "apply_tensor_parallel",
     "build_mesh",

@@ -1,4 +1,5 @@
-"""Displacement parallelism (dispp=2) and its composition with heads (tp×dispp = 2×2).
+"""Displacement parallelism (dispp=2) and its composition with heads (tp×dispp = 2×2), also
+across two simulated nodes under FSDP2.
 
 Every case takes 3 AdamW steps next to the unsharded model of the same seed in real gloo
 processes: losses, every gradient (gathered with ``full_tensor``) and the final weights agree
@@ -8,12 +9,16 @@ imbalance report is checked on its own.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from helpers.processes import compare_cases, run_in_processes
-from parallelism import displacement_balance
+from parallelism import ParallelDims, build_mesh, displacement_balance
+from parallelism.config import ParallelConfig
 from translution_dist.models import ModelConfig, build_model
 from translution_dist.ops import CausalLayout, ImageGridLayout
 
@@ -45,6 +50,14 @@ GRID_CASES = {
 }
 CHECKPOINTED = "vit-alpha"
 
+ACROSS_NODES_CASES = {  # 2 simulated nodes × 2 processes; FSDP2 over what is left (dp_shard=1 or 2)
+    "tp=2 in a node × dispp=2 across nodes, vit-translution": ({**VIT, "attention": "translution"},
+                                                             dict(engine="fsdp", tp=2, dispp=2)),
+    "tp=2 in a node × dispp=2 across nodes, gpt-alpha": ({**GPT, "attention": "alpha", "bank_chunks": 2},
+                                                       dict(engine="fsdp", tp=2, dispp=2)),
+    "dispp=4 over both nodes, gpt-translution": ({**GPT, "attention": "translution"}, dict(engine="fsdp", dispp=4)),
+}
+
 
 def _run(world_size: int, cases: dict, checkpoint_dir: str | None = None) -> dict:
     kwargs = {name: dict(model_fields={**TINY, **model}, parallel_fields=parallel)
@@ -67,6 +80,37 @@ def grid_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def grid_results(grid_checkpoint) -> dict:
     return _run(4, GRID_CASES, grid_checkpoint)
+
+
+def _nodes_of_groups(rank: int, world_size: int, cases: dict) -> dict[str, dict[str, list[int]]]:
+    """Per case, the simulated node (``GROUP_RANK``) of every rank in this rank's dispp and tp groups."""
+    node = torch.tensor([int(os.environ["GROUP_RANK"])])
+    nodes = [torch.zeros_like(node) for _ in range(world_size)]
+    dist.all_gather(nodes, node)
+    groups = {}
+    for name, (_, parallel) in cases.items():
+        mesh = build_mesh(ParallelDims.resolve(ParallelConfig(**parallel), world_size), "cpu")
+        groups[name] = {dim: [int(nodes[r]) for r in mesh[dim].mesh.flatten().tolist()] for dim in ("dispp", "tp")}
+    return groups
+
+
+def _across_nodes(rank: int, world_size: int, cases: dict) -> dict:
+    kwargs = {name: dict(model_fields={**TINY, **model}, parallel_fields=parallel)
+              for name, (model, parallel) in cases.items()}
+    return {"nodes": _nodes_of_groups(rank, world_size, cases), **compare_cases(rank, world_size, kwargs)}
+
+
+@pytest.mark.multiprocess
+def test_dispp_across_two_simulated_nodes_matches_single_process():
+    """Ranks 0–1 are node 0 and 2–3 node 1 (as torchrun numbers two nodes of 2): the mesh order keeps
+    tp inside a node and puts dispp across the nodes; losses, gradients and weights match one process."""
+    results = run_in_processes(_across_nodes, 4, ACROSS_NODES_CASES, procs_per_node=2)
+    for rank, result in enumerate(results):
+        for name in ACROSS_NODES_CASES:
+            nodes = result["nodes"][name]
+            assert sorted(set(nodes["dispp"])) == [0, 1], f"rank {rank}, {name}: dispp group inside one node"
+            assert len(set(nodes["tp"])) == 1, f"rank {rank}, {name}: tp group spans nodes"
+            _assert_matched(result[name])
 
 
 def _assert_matched(result) -> None:

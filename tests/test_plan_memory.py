@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from helpers.memory_measure import LiveTensorBytes
 from launcher.memory_model import (
     Precision,
     RunShape,
@@ -30,9 +31,11 @@ from launcher.memory_model import (
     autocast_weight_bytes,
     block_activation_bytes,
     estimate,
+    feed_forward_bytes,
     model_census,
     root_activation_bytes,
 )
+from parallelism.activation_checkpoint import apply_activation_checkpoint
 from parallelism.config import ParallelConfig
 from training.config import load_config
 from translution_dist.models import ModelConfig, build_model
@@ -102,6 +105,36 @@ def test_saved_activations_match_the_formulas(arch, attention, extra, precision)
     assert abs(measured - expected) <= 512, (measured, expected)  # scalars: loss weights, position ids
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["block", "selective"])
+@pytest.mark.parametrize(("arch", "attention"), [("gpt", "translution"), ("vit", "alpha")])
+def test_recomputation_keeps_what_the_model_says(arch, attention, mode, precision):
+    """Live tensor bytes after one block's forward: the saving of each recomputation mode is the
+    model's ``per_block − kept_per_block`` (the block's output and autocast's weight copies cancel)."""
+    shape = dict(context_length=32, vocab_size=50) if arch == "gpt" else dict(
+        image_size=24, patch_size=4, channels=1, num_classes=10)
+    cfg = ModelConfig(arch=arch, attention=attention, dim=24, depth=2, heads=3, dim_head=8, mlp_dim=40, alpha_rank=2,
+                      bank_chunks=2, **shape)
+    batch, tokens = 3, cfg.layout().max_tokens
+    h = torch.randn(batch, tokens, 24, requires_grad=True)
+    kept = {}
+    for recompute in ("none", mode):
+        torch.manual_seed(0)
+        block = apply_activation_checkpoint(build_model(cfg), recompute).encoder.blocks[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), LiveTensorBytes() as live:
+            out = block(h)
+            kept[recompute] = live.live
+        out.sum().backward()
+    layout = ParallelConfig(engine="none")
+    p = Precision.of(precision, "fp32", "cpu")
+    s = _shapes(cfg, layout, batch)
+    run = RunShape(cfg, batch, precision, "cpu", activation_checkpoint=mode)
+    acts = estimate(run, layout).activations
+    assert acts.per_block == block_activation_bytes(cfg, layout, s, p)
+    assert acts.recomputed == (acts.per_block if mode == "block" else feed_forward_bytes(s, p))
+    assert kept["none"] - kept[mode] == acts.per_block - acts.kept_per_block
+
+
 # -- measured peaks ---------------------------------------------------------------------------------
 
 BANK_HEAVY = {  # parameters, gradients and AdamW states dominate; the per-pair scratch is visible
@@ -147,11 +180,10 @@ def _measure(config: Path, procs: int, overrides: list[str], out: Path) -> list[
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(procs)]
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_model_matches_measured_peaks(tmp_path):
+def _compare_peaks(cases: dict, tmp_path: Path) -> None:
+    """Measure every case, print the table, and hold each estimate to ``TOLERANCE`` of its measured peak."""
     rows = []
-    for name, (base, procs, overrides) in CASES.items():
+    for name, (base, procs, overrides) in cases.items():
         config = tmp_path / f"{len(rows)}.yaml"
         config.write_text(yaml.safe_dump({
             "run": {"name": f"case{len(rows)}", "output_dir": str(tmp_path / "runs")}, **base,
@@ -160,7 +192,7 @@ def test_model_matches_measured_peaks(tmp_path):
         ranks = _measure(config, procs, overrides, tmp_path / f"out{len(rows)}")
         cfg = load_config(config, overrides)
         est = estimate(RunShape(cfg.model, cfg.train.micro_batch_size, cfg.train.precision, "cpu",
-                                cfg.train.grad_accum), cfg.parallel.resolve(procs))
+                                cfg.train.grad_accum, cfg.train.activation_checkpoint), cfg.parallel.resolve(procs))
         measured = max(r["steady_peak_bytes"] for r in ranks)
         rss = max(r["rss_peak_bytes"] - r["rss_before_bytes"] for r in ranks)
         rows.append((name, est.peak_total, measured, rss, max(r["steps"][-1]["at_op"] for r in ranks)))
@@ -171,3 +203,24 @@ def test_model_matches_measured_peaks(tmp_path):
     print("\n" + "\n".join(table))
     for name, model, measured, _, _ in rows:
         assert abs(model - measured) <= TOLERANCE * measured, f"{name}: model {model:,} B, measured {measured:,} B"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_model_matches_measured_peaks(tmp_path):
+    _compare_peaks(CASES, tmp_path)
+
+
+RECOMPUTE_CASES = {
+    f"{layout}, activation-heavy, activation_checkpoint={mode}": (ACTIVATION_HEAVY, procs,
+                                                                  [*overrides, f"train.activation_checkpoint={mode}"])
+    for layout, procs, overrides in (("1 process", 1, ["parallel.engine=none"]),
+                                     ("FSDP2 ×2, dispp=2", 2, ["parallel.engine=fsdp", "parallel.dispp=2"]))
+    for mode in ("none", "block", "selective")
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_model_matches_measured_peaks_with_recomputation(tmp_path):
+    _compare_peaks(RECOMPUTE_CASES, tmp_path)

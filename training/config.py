@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from parallelism.activation_checkpoint import ActivationCheckpoint
 from parallelism.config import ParallelConfig
 from translution_dist.data.config import DataConfig
 from translution_dist.models.config import ModelConfig
@@ -51,6 +52,10 @@ class TrainSection(_Section):
     micro_batch_size: int = Field(32, ge=1, description="Samples per data-parallel rank per forward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype where the device supports it.")
+    activation_checkpoint: ActivationCheckpoint = Field(
+        "none", description="Recompute activations in backward to save memory: none; block: every transformer block "
+                            "keeps only its input (most memory saved, one more forward); selective: every block's "
+                            "feed-forward is recomputed (cheap; the attention keeps its tensors).")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps and at the end; 0: only at the end.")
     eval_batches: int = Field(10, ge=0, description="Batches per evaluation per data-parallel rank; 0: no evaluation.")

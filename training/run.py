@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from parallelism import (
     ParallelDims,
+    apply_activation_checkpoint,
     build_mesh,
     data_parallel_coordinates,
     finish_collectives,
@@ -69,13 +70,18 @@ def setup(cfg: Config) -> DistContext:
     return DistContext(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), device, dims, mesh, dp_rank, dp_size)
 
 
+def build_model_to_train(cfg: Config) -> torch.nn.Module:
+    """The model of ``cfg`` with the configured activation recomputation applied (before any sharding)."""
+    return apply_activation_checkpoint(build_model(cfg.model), cfg.train.activation_checkpoint)
+
+
 def build_sharded_model(cfg: Config, ctx: DistContext) -> torch.nn.Module:
     torch.manual_seed(cfg.run.seed)
     if ctx.mesh is None:
         with ctx.device:
-            return build_model(cfg.model)
+            return build_model_to_train(cfg)
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model_to_train(cfg)
     parallelize(model, ctx.dims, ctx.mesh)
     materialize(model, ctx.device, seed=cfg.run.seed, mesh=ctx.mesh, cpu_offload=ctx.dims.config.cpu_offload)
     return model
@@ -87,7 +93,7 @@ def build_backend(cfg: Config, ctx: DistContext) -> TrainingBackend:
         from training.deepspeed_backend import DeepSpeedBackend
 
         torch.manual_seed(cfg.run.seed)
-        return DeepSpeedBackend(cfg, ctx, lambda: build_model(cfg.model))
+        return DeepSpeedBackend(cfg, ctx, lambda: build_model_to_train(cfg))
     return TorchBackend(cfg, ctx, build_sharded_model(cfg, ctx))
 
 

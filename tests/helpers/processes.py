@@ -38,8 +38,10 @@ def prepare_deepspeed_on_cpu() -> None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(venv / "torch_extensions"))
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple,
+           procs_per_node: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % procs_per_node), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(procs_per_node), GROUP_RANK=str(rank // procs_per_node),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     init_distributed(ParallelConfig(backend="gloo"), timeout=timedelta(seconds=timeout_s))
@@ -51,8 +53,12 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ti
         dist.destroy_process_group()
 
 
-def run_in_processes(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300) -> list[Any]:
+def run_in_processes(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300,
+                     procs_per_node: int | None = None) -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each call in its own gloo process.
+
+    ``procs_per_node`` simulates several nodes as torchrun numbers them: consecutive ranks share
+    a node (``GROUP_RANK``), ``LOCAL_RANK`` counts within it; default: one node.
 
     ``fn`` must be importable (a module-level function) and its result picklable. An
     exception in any process is re-raised here with that process's traceback; a collective
@@ -64,7 +70,8 @@ def run_in_processes(fn: Callable[..., Any], world_size: int, *args: Any, timeou
                           timeout=timedelta(seconds=timeout_s))
     with tempfile.TemporaryDirectory() as out_dir:
         torch.multiprocessing.start_processes(
-            _entry, args=(fn, world_size, store.port, out_dir, timeout_s, args), nprocs=world_size,
+            _entry, args=(fn, world_size, store.port, out_dir, timeout_s, args, procs_per_node or world_size),
+            nprocs=world_size,
             start_method="spawn")
         return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
