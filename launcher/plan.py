@@ -20,7 +20,8 @@ layout when it fits (see ``launcher.launch.choose_layout``).
 Candidates: ``tp`` dividing the heads and the MLP width, ``dispp`` at most the rows of a bank
 chunk, ``tp·dispp`` dividing the processes of a node or a multiple of them (``tp`` inside a
 node, ``dispp`` then spans nodes: its all-reduces are priced on the network), every
-``dp_replicate`` (HSDP), and for each the engines and offloads: FSDP2 with or without ``cpu_offload``; DeepSpeed ZeRO-3 (data parallel only) with
+``dp_replicate`` (HSDP), and for each the engines and offloads: FSDP2 with or without
+``cpu_offload``; DeepSpeed ZeRO-3 (data parallel only) with
 parameters and optimizer states on the device, CPU or NVMe (NVMe needs ``parallel.nvme_path``
 and ``cluster.nvme``); ``engine: none`` when there is no data parallelism. The model's own
 choices (``bank_chunks``, precisions, micro-batch) are kept; when nothing fits the planner
