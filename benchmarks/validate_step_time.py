@@ -1,10 +1,11 @@
 """Predicted against measured step time for the layouts of ``bench_parallel.py``, at 1, 2 and 4 processes.
 
-For each process count: calibrate this machine with that many concurrent processes
+For each layout: calibrate this machine with as many concurrent processes as the layout has
 (``launcher.calibrate.measure``: the per-process matmul rate, the attention layer's and the
-feed-forward's achieved rates at the per-rank batch, AdamW, host copies, gloo), then measure
-the layouts of that count with ``bench_parallel``'s own worker (median over the timed steps
-of the slowest rank), and predict each with the planner's step-time model
+feed-forward's achieved rates at the batch ``8/procs``, AdamW, host copies, gloo) just before
+and just after measuring the layout with ``bench_parallel``'s own worker (median over the
+timed steps of the slowest rank) — the machine is shared, so the two calibrations bracket the
+load the measurement saw and their mean is used — and predict it with the planner's step-time model
 (``launcher.plan.evaluate`` on a cluster made of the calibrated figures). Four processes are
 planned as 2 nodes × 2 processes, so every collective that spans both pairs is priced as
 inter-node traffic (loopback's figures: the measurement runs all four ranks on this machine).
@@ -59,30 +60,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (default 5)")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per calibration figure (default 2)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--repredict", action="store_true",
+                        help="recompute the predictions of --out from its stored calibrations (no measuring)")
     args = parser.parse_args()
+    if args.repredict:
+        report = json.loads(args.out.read_text())
+        for row in report["rows"]:
+            cal = report["calibrations"][row["key"]]
+            figures = {key: (cal["before"][key] + cal["after"][key]) / 2 for key in cal["before"]}
+            row.update(predict(next(x.overrides for x in LAYOUTS if x.key == row["key"]), row["procs"],
+                               hardware_of(figures, row["procs"], cal["batch"])))
+            if row.get("measured_ms"):
+                row["ratio"] = row["predicted_ms"] / row["measured_ms"]
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(markdown(report))
+        return
     keys = set(args.only.split(",")) if args.only else None
     layouts = [lay for lay in LAYOUTS if keys is None or lay.key in keys]
     started = time.time()
     rows, calibrations = [], {}
-    for procs in sorted({lay.procs for lay in layouts}):
-        cfg = build_config(("parallel.engine=none",) if procs == 1 else ("parallel.engine=fsdp",), procs)
+    for lay in layouts:
+        procs = lay.procs
+        cfg = build_config(lay.overrides, procs)
         batch = GLOBAL_BATCH // procs
-        figures = calibrate.measure(cfg.model, batch, procs, args.budget)
-        calibrations[procs] = dict(batch=batch, **figures)
+        # The machine is shared: calibrate just before and just after the measurement, and use the mean.
+        before = calibrate.measure(cfg.model, batch, procs, args.budget)
+        measured = run_in_subprocess(dict(overrides=list(lay.overrides), procs=procs, steps=args.steps))
+        after = calibrate.measure(cfg.model, batch, procs, args.budget)
+        figures = {key: (before[key] + after[key]) / 2 for key in before}
+        calibrations[lay.key] = dict(batch=batch, before=before, after=after)
         print(calibrate.describe(figures, procs), flush=True)
         hardware = hardware_of(figures, procs, batch)
-        for lay in (x for x in layouts if x.procs == procs):
-            measured = run_in_subprocess(dict(overrides=list(lay.overrides), procs=procs, steps=args.steps))
-            row = dict(key=lay.key, name=lay.name, procs=procs, nodes=NODES[procs], **predict(lay.overrides, procs,
-                                                                                           hardware))
-            row.update(status=measured["status"], measured_ms=measured.get("ms_median"),
-                       measured_min_ms=measured.get("ms_min"), quiet=measured.get("quiet"))
-            if row["measured_ms"]:
-                row["ratio"] = row["predicted_ms"] / row["measured_ms"]
-            rows.append(row)
-            print(f"{procs} {lay.key:<14} predicted {row['predicted_ms']:7.0f} ms, measured "
-                  f"{row['measured_ms'] or float('nan'):7.0f} ms, ratio {row.get('ratio', float('nan')):.2f}",
-                  flush=True)
+        row = dict(key=lay.key, name=lay.name, procs=procs, nodes=NODES[procs], **predict(lay.overrides, procs,
+                                                                                       hardware))
+        row.update(status=measured["status"], measured_ms=measured.get("ms_median"),
+                   measured_min_ms=measured.get("ms_min"), quiet=measured.get("quiet"))
+        if row["measured_ms"]:
+            row["ratio"] = row["predicted_ms"] / row["measured_ms"]
+        rows.append(row)
+        print(f"{procs} {lay.key:<14} predicted {row['predicted_ms']:7.0f} ms, measured "
+              f"{row['measured_ms'] or float('nan'):7.0f} ms, ratio {row.get('ratio', float('nan')):.2f}",
+              flush=True)
     report = dict(machine=machine(), command=" ".join(["python", *sys.argv]), seconds=time.time() - started,
                   calibrations={str(k): v for k, v in calibrations.items()}, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

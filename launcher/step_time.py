@@ -14,7 +14,8 @@ The planner chooses among layouts that fit by this estimate. Per rank and step:
   (FSDP2 ``cpu_offload`` copies each shard in before its all-gather and the gradient out after
   its reduce-scatter; DeepSpeed's offloaded parameters). One unit's transfers cannot hide (the
   first gather of the forward, the last reduction of the backward), and what exceeds the
-  compute is exposed. Head- and displacement-parallel all-reduces sit on the critical path
+  compute is exposed. CPU processes get no overlap: gloo's copies and reductions run on the
+  cores that compute (measured: ``docs/scale.md``). Head- and displacement-parallel all-reduces sit on the critical path
   (the next op needs their result), as do DeepSpeed's offloaded-optimizer copies and NVMe
   state traffic, and the optimizer step;
 * **optimizer** — AdamW over the rank's parameters: on the host at ``cpu_adam_params_per_s``
@@ -57,16 +58,22 @@ class StepTime:
     model_flops: float  # per step, all ranks
     world: int
     peak_flops: float
+    overlap: bool = True  # transfers proceed beside compute (GPUs); not for CPU processes
+
+    @property
+    def _hidable_s(self) -> float:
+        """Compute that prefetched transfers can hide behind."""
+        return self.compute_s if self.overlap else 0.0
 
     @property
     def exposed_comm_s(self) -> float:
         """Collective time the step waits for."""
-        return self.critical_comm_s + max(0.0, self.hidden_comm_s - self.compute_s) + self.unhidden_s
+        return self.critical_comm_s + max(0.0, self.hidden_comm_s - self._hidable_s) + self.unhidden_s
 
     @property
     def offload_s(self) -> float:
         """Offload time the step waits for (after the collectives it travels with)."""
-        pipelined = max(0.0, self.hidden_comm_s + self.pipelined_offload_s - max(self.compute_s, self.hidden_comm_s))
+        pipelined = max(0.0, self.hidden_comm_s + self.pipelined_offload_s - max(self._hidable_s, self.hidden_comm_s))
         return pipelined + self.serial_offload_s
 
     @property
@@ -126,7 +133,8 @@ def step_time(cfg: Config, layout: ParallelConfig, cost: StepCost, params_per_ra
     pipelined = ((cost.pcie - cost.serial_pcie) / hw.pcie_bandwidth + (cost.nvme - cost.serial_nvme) / hw.nvme_bandwidth)
     serial = cost.serial_pcie / hw.pcie_bandwidth + cost.serial_nvme / hw.nvme_bandwidth
     calls = sum(c.calls for c in hidden)
-    unhidden = 2 * (hidden_s + pipelined) / calls if calls else 0.0  # one gather and one reduction
+    # One gather and one reduction cannot hide; without overlap nothing does (and nothing is counted twice).
+    unhidden = 2 * (hidden_s + pipelined) / calls if calls and on_gpu else 0.0
     device_params = params_per_rank - cost.cpu_updates
     optimizer = cost.cpu_updates / hw.cpu_adam_params_per_s + (
         device_params * ADAM_BYTES_PER_PARAM / hw.memory_bandwidth if on_gpu
@@ -134,4 +142,4 @@ def step_time(cfg: Config, layout: ParallelConfig, cost: StepCost, params_per_ra
     samples = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.dp_replicate * layout.dp_shard
     return StepTime(compute, hidden_s, critical_s, pipelined, serial, unhidden, optimizer,
                     samples * tokens_per_sample(cfg.model), samples * model_flops_per_sample(cfg.model), world,
-                    hw.peak_flops)
+                    hw.peak_flops, overlap=on_gpu)

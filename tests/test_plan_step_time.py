@@ -155,3 +155,11 @@ def test_calibrate_writes_a_cluster_file_the_plan_uses(config_path, tmp_path, ca
     data = json.loads(capsys.readouterr().out)
     assert data["cluster"]["world_size"] == 2 and data["cluster"]["hardware"]["peak_flops"] == hw["peak_flops"]
     assert data["choice"]["step_s"] > data["choice"]["compute_s"] > 0
+
+
+def test_cpu_processes_do_not_overlap_collectives_with_compute(cfg):
+    """gloo's copies and reductions run on the cores that compute: every ZeRO-3 transfer is exposed."""
+    cpu = dataclasses.replace(Cluster.of(cfg), gpu_memory=None)
+    t = evaluate(cfg, _layout(engine="fsdp"), cpu).time
+    assert t.hidden_comm_s > 0 and t.exposed_comm_s == pytest.approx(t.hidden_comm_s)
+    assert t.step_s == pytest.approx(t.compute_s + t.hidden_comm_s + t.optimizer_s)
