@@ -2,7 +2,7 @@
 
 For each layout: calibrate this machine with as many concurrent processes as the layout has
 (``launcher.calibrate.measure``: the per-process matmul rate, the attention layer's and the
-feed-forward's achieved rates at the batch ``8/procs``, AdamW, host copies, gloo) just before
+feed-forward's achieved rates at the layout's per-rank micro-batch, AdamW, host copies, gloo) just before
 and just after measuring the layout with ``bench_parallel``'s own worker (median over the
 timed steps of the slowest rank) — the machine is shared, so the two calibrations bracket the
 load the measurement saw and their mean is used — and predict it with the planner's step-time model
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_parallel import GLOBAL_BATCH, LAYOUTS, build_config, machine, run_in_subprocess  # noqa: E402
+from bench_parallel import LAYOUTS, build_config, machine, run_in_subprocess  # noqa: E402
 
 from launcher import calibrate  # noqa: E402
 from launcher.plan import Cluster, evaluate  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
     for lay in layouts:
         procs = lay.procs
         cfg = build_config(lay.overrides, procs)
-        batch = GLOBAL_BATCH // procs
+        batch = cfg.train.micro_batch_size  # the per-rank batch the kernels run at (8 under tp/dispp)
         # The machine is shared: calibrate just before and just after the measurement, and use the mean.
         before = calibrate.measure(cfg.model, batch, procs, args.budget)
         measured = run_in_subprocess(dict(overrides=list(lay.overrides), procs=procs, steps=args.steps))

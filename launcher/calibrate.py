@@ -12,7 +12,8 @@ while the others compete for the same cores. Each process measures, for a few se
 * **AdamW** — the trainer's step (gradient-norm clipping, foreach AdamW) over 4 M parameters;
 * **host copies** — a 64 MiB tensor copy (what CPU "offload" copies cost);
 * **gloo** — all-reduces of 16 MiB (bandwidth: bytes a ring sends per process over the time)
-  and of one element (latency: time over the ring's ``2(k−1)`` steps).
+  and of one element (latency: time over the ring's ``2(k−1)`` steps); an all-gather and a
+  reduce-scatter of 16 MiB, as fractions of that bandwidth (gloo emulates both).
 
 The medians over processes go to a cluster YAML (``nodes: 1``, ``procs_per_node: procs``,
 ``hardware:`` with every figure), which ``plan`` uses as ``cluster=OUT.yaml``. Loopback
@@ -115,16 +116,22 @@ def _compute_figures(model: ModelConfig, batch: int, budget_s: float) -> dict[st
 
 
 def _link_figures(world: int) -> dict[str, float]:
+    """All-reduce bandwidth (ring bytes per second) and latency; all-gather and reduce-scatter of the
+    same payload as fractions of that bandwidth."""
+    if world == 1:
+        return {"bandwidth": float("inf"), "latency": 0.0, "all_gather": 1.0, "reduce_scatter": 1.0}
     big = torch.ones(ALL_REDUCE_BYTES // 4)
+    shard = torch.ones(ALL_REDUCE_BYTES // 4 // world)
     small = torch.ones(1)
-    bandwidth = latency = float("inf")
-    if world > 1:
-        ring = 2 * (world - 1)
-        big_s = _median_seconds(lambda: dist.all_reduce(big), 5)
-        small_s = _median_seconds(lambda: dist.all_reduce(small), 50)
-        bandwidth = ring / world * ALL_REDUCE_BYTES / big_s
-        latency = small_s / ring
-    return {"bandwidth": bandwidth, "latency": latency}
+    ring = 2 * (world - 1)
+    big_s = _median_seconds(lambda: dist.all_reduce(big), 5)
+    gather_s = _median_seconds(lambda: dist.all_gather_into_tensor(big, shard), 5)
+    scatter_s = _median_seconds(lambda: dist.reduce_scatter_tensor(shard, big), 5)
+    small_s = _median_seconds(lambda: dist.all_reduce(small), 50)
+    bandwidth = ring / world * ALL_REDUCE_BYTES / big_s
+    half = (world - 1) / world * ALL_REDUCE_BYTES  # what a ring all-gather or reduce-scatter sends
+    return {"bandwidth": bandwidth, "latency": small_s / ring,
+            "all_gather": half / gather_s / bandwidth, "reduce_scatter": half / scatter_s / bandwidth}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, model_json: str, batch: int, budget_s: float) -> None:
@@ -178,6 +185,8 @@ def cluster_yaml(figures: dict[str, float], procs: int, batch: int) -> dict[str,
         for where in ("intra_node", "inter_node"):
             hardware[f"{where}_bandwidth"] = float(f"{figures['bandwidth']:.4g}")
             hardware[f"{where}_latency"] = float(f"{figures['latency']:.4g}")
+        hardware["all_gather_efficiency"] = round(figures["all_gather"], 3)
+        hardware["reduce_scatter_efficiency"] = round(figures["reduce_scatter"], 3)
     return {"nodes": 1, "procs_per_node": procs, "cpu_memory": f"{pages >> 30}GiB", "hardware": hardware}
 
 
@@ -190,7 +199,8 @@ def describe(figures: dict[str, float], procs: int) -> str:
              f"  host copy                  {figures['pcie_bandwidth'] / 1e9:8.2f} GB/s"]
     if procs > 1:
         lines += [f"  gloo all-reduce            {figures['bandwidth'] / 1e9:8.2f} GB/s per process (ring), "
-                  f"{figures['latency'] * 1e6:.0f} µs per ring step"]
+                  f"{figures['latency'] * 1e6:.0f} µs per ring step; all-gather at "
+                  f"{figures['all_gather']:.0%} of that, reduce-scatter at {figures['reduce_scatter']:.0%}"]
     return "\n".join(lines)
 
 

@@ -79,7 +79,9 @@ class Cluster:
         return (f"{hw.name}: {hw.peak_flops / 1e12:.4g} TFLOP/s peak × {hw.kernel_efficiency:.0%} (kernels) / "
                 f"{hw.matmul_efficiency:.0%} (matmuls); links {hw.intra_node_bandwidth / 1e9:.3g} GB/s in a node, "
                 f"{hw.inter_node_bandwidth / 1e9:.3g} GB/s across, PCIe {hw.pcie_bandwidth / 1e9:.3g} GB/s, "
-                f"NVMe {hw.nvme_bandwidth / 1e9:.3g} GB/s; host AdamW {hw.cpu_adam_params_per_s:.3g} params/s")
+                f"NVMe {hw.nvme_bandwidth / 1e9:.3g} GB/s; host AdamW {hw.cpu_adam_params_per_s:.3g} params/s"
+                + ("" if self.gpu_memory or hw != PRESETS["nominal"] else
+                   " (GPU figures: for CPU processes measure them with --calibrate)"))
 
     @staticmethod
     def of(cfg: Config, nodes: int | None = None, procs_per_node: int | None = None, gpu_memory: str | None = None,

@@ -117,9 +117,12 @@ def compute_seconds(cfg: Config, layout: ParallelConfig, hw: Hardware) -> float:
 
 
 def collective_seconds(c: Collective, hw: Hardware) -> float:
+    """``calls × ring steps × latency + bytes / bandwidth`` on the link ``c`` crosses; all-gathers and
+    reduce-scatters at their measured fraction of the all-reduce's bandwidth (gloo emulates them)."""
     latency, bandwidth = ((hw.inter_node_latency, hw.inter_node_bandwidth) if c.inter_node
                           else (hw.intra_node_latency, hw.intra_node_bandwidth))
-    return c.calls * c.ring_steps * latency + c.bytes / bandwidth
+    efficiency = {"all_gather": hw.all_gather_efficiency, "reduce_scatter": hw.reduce_scatter_efficiency}.get(c.kind, 1.0)
+    return c.calls * c.ring_steps * latency + c.bytes / (bandwidth * efficiency)
 
 
 def step_time(cfg: Config, layout: ParallelConfig, cost: StepCost, params_per_rank: int, world: int,

@@ -40,6 +40,8 @@ class Hardware:
     nvme_bandwidth: float  # per device (a node's drives shared by its devices)
     memory_bandwidth: float  # device memory: the optimizer step on the device is memory-bound
     cpu_adam_params_per_s: float  # AdamW updates per second of one process's states on the host
+    all_gather_efficiency: float = 1.0  # an all-gather's bytes/s as a fraction of an all-reduce's (ring bytes)
+    reduce_scatter_efficiency: float = 1.0  # the same for a reduce-scatter (gloo's emulated one is far slower)
 
 
 PRESETS: dict[str, Hardware] = {
@@ -78,6 +80,9 @@ class HardwareSection(BaseModel):
     nvme_bandwidth: float | None = Field(None, gt=0, description="NVMe bytes/s per device.")
     memory_bandwidth: float | None = Field(None, gt=0, description="Device memory bytes/s (the device optimizer).")
     cpu_adam_params_per_s: float | None = Field(None, gt=0, description="Host AdamW updates/s per process.")
+    all_gather_efficiency: float | None = Field(None, gt=0, description="All-gather bytes/s over all-reduce bytes/s.")
+    reduce_scatter_efficiency: float | None = Field(None, gt=0,
+                                                    description="Reduce-scatter bytes/s over all-reduce bytes/s.")
 
     @model_validator(mode="after")
     def _known_preset(self) -> HardwareSection:
