@@ -11,16 +11,17 @@ each rank's memory with :mod:`launcher.memory_model`, and checks it against the 
   without GPUs every term is host memory;
 * a node's NVMe must hold its processes' NVMe terms.
 
-The choice among layouts that fit: the least data movement per step, in estimated seconds
-(offload traffic, the CPU optimizer step of offloaded states, collectives inside and across
-nodes; :mod:`launcher.step_cost`), then the most memory left (the fuller of a GPU and a
+The choice among layouts that fit: the shortest estimated step per token (compute, exposed
+collectives inside and across nodes, offload traffic, the optimizer step;
+:mod:`launcher.step_time` over :mod:`launcher.step_cost`'s data movement), then the most memory left (the fuller of a GPU and a
 node's host memory, as a fraction of what may be used). A launch keeps the config's own
 layout when it fits (see ``launcher.launch.choose_layout``).
 
 Candidates: ``tp`` dividing the heads and the MLP width, ``dispp`` at most the rows of a bank
-chunk, ``tp·dispp`` dividing the processes of a node (their collectives run every layer, so
-they stay inside a node), every ``dp_replicate`` (HSDP), and for each the engines and
-offloads: FSDP2 with or without ``cpu_offload``; DeepSpeed ZeRO-3 (data parallel only) with
+chunk, ``tp·dispp`` dividing the processes of a node or a multiple of them (``tp`` inside a
+node, ``dispp`` then spans nodes: its all-reduces are priced on the network), every
+``dp_replicate`` (HSDP), and for each the engines and offloads: FSDP2 with or without
+``cpu_offload``; DeepSpeed ZeRO-3 (data parallel only) with
 parameters and optimizer states on the device, CPU or NVMe (NVMe needs ``parallel.nvme_path``
 and ``cluster.nvme``); ``engine: none`` when there is no data parallelism. The model's own
 choices (``bank_chunks``, precisions, micro-batch) are kept; when nothing fits the planner
@@ -32,11 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.memory_model import GiB, MemoryEstimate, RunShape, Term, estimate, fmt_bytes
+from launcher.memory_model import FP32, GiB, MemoryEstimate, RunShape, Term, estimate, fmt_bytes
 from launcher.step_cost import StepCost, step_cost
+from launcher.step_time import StepTime, step_time
 from launcher.topology import Topology, parse_bytes
 from parallelism.config import ParallelConfig
 from training.config import Config
+from training.hardware import PRESETS, Hardware
 
 DEFAULT_HEADROOM = 0.10
 HOST_RUNTIME = {"cuda": 4 * GiB, "cpu": GiB // 2}
@@ -53,6 +56,7 @@ class Cluster:
     cpu_memory: int | None  # host bytes per node; None: unknown, not checked
     nvme: int | None = None  # NVMe bytes per node
     headroom: float = DEFAULT_HEADROOM
+    hardware: Hardware = PRESETS["nominal"]  # device and link figures for step times
 
     @property
     def world_size(self) -> int:
@@ -70,6 +74,15 @@ class Cluster:
         return (f"{nodes} × {self.procs_per_node} processes = {self.world_size} ranks; {gpu}; "
                 f"{host}{nvme} per node; headroom {self.headroom:.0%}")
 
+    def describe_hardware(self) -> str:
+        hw = self.hardware
+        return (f"{hw.name}: {hw.peak_flops / 1e12:.4g} TFLOP/s peak × {hw.kernel_efficiency:.0%} (kernels) / "
+                f"{hw.matmul_efficiency:.0%} (matmuls); links {hw.intra_node_bandwidth / 1e9:.3g} GB/s in a node, "
+                f"{hw.inter_node_bandwidth / 1e9:.3g} GB/s across, PCIe {hw.pcie_bandwidth / 1e9:.3g} GB/s, "
+                f"NVMe {hw.nvme_bandwidth / 1e9:.3g} GB/s; host AdamW {hw.cpu_adam_params_per_s:.3g} params/s"
+                + ("" if self.gpu_memory or hw != PRESETS["nominal"] else
+                   " (GPU figures: for CPU processes measure them with --calibrate)"))
+
     @staticmethod
     def of(cfg: Config, nodes: int | None = None, procs_per_node: int | None = None, gpu_memory: str | None = None,
            cpu_memory: str | None = None, nvme: str | None = None, headroom: float = DEFAULT_HEADROOM) -> Cluster:
@@ -81,7 +94,8 @@ class Cluster:
         return Cluster(nodes or c.nodes, procs_per_node or c.procs_per_node or 1,
                        parse_bytes(gpu, "--gpu-mem (cluster.gpu_memory)") if gpu else None,
                        parse_bytes(host, "--cpu-mem (cluster.cpu_memory)") if host else None,
-                       parse_bytes(disk, "--nvme (cluster.nvme)") if disk else None, headroom)
+                       parse_bytes(disk, "--nvme (cluster.nvme)") if disk else None, headroom,
+                       c.hardware.resolve())
 
     @staticmethod
     def from_topology(topology: Topology, cfg: Config, nodes: int | None = None) -> Cluster:
@@ -90,7 +104,8 @@ class Cluster:
         host = topology.devices.host_memory_bytes or None
         return Cluster(nodes or topology.nodes, topology.procs_per_node,
                        min(g.memory_bytes for g in gpus) if gpus else None, host,
-                       parse_bytes(cfg.cluster.nvme, "cluster.nvme") if cfg.cluster.nvme else None)
+                       parse_bytes(cfg.cluster.nvme, "cluster.nvme") if cfg.cluster.nvme else None,
+                       hardware=cfg.cluster.hardware.resolve())
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class Candidate:
     host_per_node: int  # including the runtime allowance
     nvme_per_node: int
     cost: StepCost
+    time: StepTime
     problems: tuple[str, ...] = field(default=())
 
     @property
@@ -114,8 +130,9 @@ class Candidate:
         return offload_of(self.layout)
 
     def rank_key(self, cluster: Cluster) -> tuple[float, float]:
-        """The choice rule: least data movement per step, then the most memory left."""
-        return self.cost.seconds, utilization(self, cluster)
+        """The choice rule: the shortest estimated step per token (layouts differ in global batch,
+        ``micro_batch_size`` × data-parallel ranks), then the most memory left."""
+        return self.time.step_s / self.time.tokens, utilization(self, cluster)
 
 
 @dataclass(frozen=True)
@@ -179,9 +196,10 @@ def candidate_layouts(cfg: Config, cluster: Cluster) -> list[ParallelConfig]:
     """Every layout of ``cluster.world_size`` ranks that the code accepts for ``cfg.model``."""
     world, base = cluster.world_size, cfg.parallel
     out: list[ParallelConfig] = []
-    for tp in _divisors(cluster.procs_per_node):
-        for dispp in _divisors(cluster.procs_per_node // tp):
-            if world % (tp * dispp):
+    node = cluster.procs_per_node
+    for tp in _divisors(node):
+        for dispp in _divisors(world // tp):
+            if world % (tp * dispp) or not _fits_the_nodes(tp * dispp, tp, node):
                 continue
             data = world // (tp * dispp)
             for replicate in _divisors(data):
@@ -201,6 +219,13 @@ def candidate_layouts(cfg: Config, cluster: Cluster) -> list[ParallelConfig]:
                             continue
                         out.append(layout)
     return out
+
+
+def _fits_the_nodes(model_parallel: int, tp: int, node: int) -> bool:
+    """``tp·dispp`` ranks either inside one node, or whole nodes with ``tp`` inside each: the mesh
+    (``parallelism.mesh``, innermost-fastest) then puts a ``dispp`` group ``tp`` ranks apart, one
+    or more ranks per node, and only ``dispp``'s collectives cross nodes."""
+    return node % model_parallel == 0 or (model_parallel % node == 0 and node % tp == 0)
 
 
 def _engines(cfg: Config, cluster: Cluster, tp: int, dispp: int, replicate: int,
@@ -251,7 +276,10 @@ def evaluate(cfg: Config, layout: ParallelConfig, cluster: Cluster) -> Candidate
         problems.append(f"offloads {fmt_bytes(nvme)} per node to NVMe but the cluster has none (set cluster.nvme)")
     elif nvme > (cluster.nvme or 0):
         problems.append(f"needs {fmt_bytes(nvme)} NVMe per node > {fmt_bytes(cluster.nvme)}")
-    return Candidate(layout, est, gpu, host, nvme, step_cost(cfg, layout, procs), tuple(problems))
+    cost = step_cost(cfg, layout, procs)
+    time = step_time(cfg, layout, cost, est.param_bytes_per_rank // FP32, cluster.world_size,
+                     bool(cluster.gpu_memory), cluster.hardware)
+    return Candidate(layout, est, gpu, host, nvme, cost, time, tuple(problems))
 
 
 def _top_terms(terms: list[Term], count: int = 3) -> str:

@@ -13,7 +13,9 @@ parameter shards against the plan. Exit status 2 when nothing fits, 1 when the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from launcher.errors import UsageError
@@ -73,11 +75,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="shard the full model with the real code on a fake process group for the layout a "
                              "launch would use and check these ranks (default: first, last and one per node) "
                              "against the plan")
+    parser.add_argument("--calibrate", metavar="OUT.yaml", type=Path,
+                        help="measure this machine instead of planning (matmul rate, the config's attention and "
+                             "feed-forward at its micro-batch, AdamW, host copies, gloo bandwidth and latency) with "
+                             "--procs concurrent processes, and write a cluster file for cluster=OUT.yaml")
+    parser.add_argument("--procs", type=positive_int, default=2, metavar="N",
+                        help="processes measured at once by --calibrate (default 2)")
+    parser.add_argument("--budget", type=float, default=2.0, metavar="S",
+                        help="seconds per timed figure of --calibrate (default 2)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.calibrate is not None:
+        return _calibrate(cfg, args.calibrate, args.procs, args.budget)
     cluster = Cluster.of(cfg, args.nodes, args.procs, args.gpu_mem, args.cpu_mem, args.nvme, args.headroom)
     result = plan(cfg, cluster)
     advice = [] if result.choice else hints(cfg, cluster)
@@ -102,12 +114,25 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.choice else 2
 
 
+def _calibrate(cfg: Config, out: Path, procs: int, budget_s: float) -> int:
+    from launcher import calibrate
+
+    if budget_s <= 0:
+        raise UsageError(f"--budget {budget_s}: give a positive number of seconds")
+    figures = calibrate.measure(cfg.model, cfg.train.micro_batch_size, procs, budget_s)
+    calibrate.write(out, calibrate.cluster_yaml(figures, procs, cfg.train.micro_batch_size))
+    print(calibrate.describe(figures, procs))
+    print(f"wrote {out}; plan with it: translution plan CONFIG cluster={out}")
+    return 0
+
+
 def _row(index: int | str, c: Candidate, gpus: bool) -> str:
     gpu = fmt_bytes(c.gpu_bytes) if gpus else "-"
     layout = describe_layout(c.layout, offload=False)
+    t = c.time
     return (f"{index!s:>3}  {layout:<50} {c.offload:<14} {gpu:>10} {fmt_bytes(c.host_per_node):>10} "
-            f"{fmt_bytes(c.nvme_per_node):>10} {fmt_bytes(c.cost.inter_node):>10} {c.cost.seconds:>8.2f}  "
-            f"{'fits' if c.fits else 'no'}")
+            f"{t.compute_s:>8.3g} {t.exposed_comm_s:>8.3g} {t.offload_s:>8.3g} {t.optimizer_s:>8.3g} "
+            f"{t.step_s:>8.3g} {t.tokens_per_s:>9.3g} {t.mfu:>6.1%}  {'fits' if c.fits else 'no'}")
 
 
 def render(cfg: Config, result: Plan, advice: list[str], show_all: bool = False) -> str:
@@ -118,11 +143,12 @@ def render(cfg: Config, result: Plan, advice: list[str], show_all: bool = False)
         f"model:    {cfg.model.arch} {cfg.model.attention}, {est.parameters:,} parameters "
         f"({_fp32_size(est.parameters)} in fp32), bank_chunks={cfg.model.bank_chunks}",
         f"cluster:  {cluster.describe()}",
+        f"hardware: {cluster.describe_hardware()}",
         f"run:      micro-batch {cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum}, "
         f"train.precision={cfg.train.precision}, parallel.mixed_precision={cfg.parallel.mixed_precision}",
         "",
-        f"{'#':>3}  {'layout':<50} {'offload':<14} {'GPU peak':>10} {'host/node':>10} {'NVMe/node':>10} "
-        f"{'inter-node':>10} {'s/step':>8}  verdict",
+        f"{'#':>3}  {'layout':<50} {'offload':<14} {'GPU peak':>10} {'host/node':>10} {'compute':>8} "
+        f"{'comm':>8} {'offload':>8} {'optim':>8} {'step s':>8} {'tokens/s':>9} {'MFU':>6}  verdict",
     ]
     fitting = [c for c in result.candidates if c.fits]
     failing = [c for c in result.candidates if not c.fits]
@@ -149,9 +175,18 @@ def render(cfg: Config, result: Plan, advice: list[str], show_all: bool = False)
         lines.append("no layout fits" + (f"; would fit with {' or '.join(advice)}" if advice else ""))
         return "\n".join(lines)
     lines += [f"chosen:   {describe_layout(choice.layout)} (global batch "
-              f"{global_batch(cfg, choice.layout)})", *_breakdown(choice.estimate, gpus),
+              f"{global_batch(cfg, choice.layout)})", _time_line(choice), *_breakdown(choice.estimate, gpus),
               f"overrides: {' '.join(layout_overrides(choice.layout))}"]
     return "\n".join(lines)
+
+
+def _time_line(c: Candidate) -> str:
+    t = c.time
+    return (f"  step {t.step_s:.3g} s = compute {t.compute_s:.3g} + exposed communication {t.exposed_comm_s:.3g} "
+            f"(tp/dispp {t.critical_comm_s:.3g}; ZeRO-3 {t.hidden_comm_s:.3g} before overlap) + offload "
+            f"{t.offload_s:.3g} + optimizer {t.optimizer_s:.3g}; {t.tokens_per_s:,.0f} tokens/s, MFU {t.mfu:.1%} "
+            f"({t.step_s / t.compute_s:.2f}× compute); per step {fmt_bytes(c.cost.inter_node)} across nodes, "
+            f"{fmt_bytes(c.cost.intra_node)} inside, {fmt_bytes(c.cost.pcie)} PCIe, {fmt_bytes(c.cost.nvme)} NVMe")
 
 
 def _fp32_size(parameters: int) -> str:
@@ -206,6 +241,14 @@ def _candidate_json(cfg: Config, c: Candidate) -> dict[str, Any]:
         "step_cost": {"inter_node_bytes": c.cost.inter_node, "intra_node_bytes": c.cost.intra_node,
                       "pcie_bytes": c.cost.pcie, "nvme_bytes": c.cost.nvme, "cpu_updates": c.cost.cpu_updates,
                       "seconds": c.cost.seconds},
+        "compute_s": c.time.compute_s,
+        "step_s": c.time.step_s,
+        "mfu": c.time.mfu,
+        "tokens_per_s": c.time.tokens_per_s,
+        "step_time": {"compute_s": c.time.compute_s, "exposed_comm_s": c.time.exposed_comm_s,
+                      "critical_comm_s": c.time.critical_comm_s, "hidden_comm_s": c.time.hidden_comm_s,
+                      "offload_s": c.time.offload_s, "optimizer_s": c.time.optimizer_s, "step_s": c.time.step_s,
+                      "tokens_per_step": c.time.tokens, "model_flops_per_step": c.time.model_flops},
         "global_batch": global_batch(cfg, c.layout),
         "overrides": layout_overrides(c.layout),
         "per_rank": _estimate_json(c.estimate),
@@ -216,7 +259,8 @@ def to_json(cfg: Config, result: Plan, advice: list[str], verification: Any = No
     c = result.cluster
     return {
         "cluster": {"nodes": c.nodes, "procs_per_node": c.procs_per_node, "world_size": c.world_size,
-                    "gpu_memory": c.gpu_memory, "cpu_memory": c.cpu_memory, "nvme": c.nvme, "headroom": c.headroom},
+                    "gpu_memory": c.gpu_memory, "cpu_memory": c.cpu_memory, "nvme": c.nvme, "headroom": c.headroom,
+                    "hardware": dataclasses.asdict(c.hardware)},
         "choice": _candidate_json(cfg, result.choice) if result.choice else None,
         "config_layout": _candidate_json(cfg, result.config_layout) if result.config_layout else None,
         "config_layout_error": result.config_error,

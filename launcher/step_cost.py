@@ -24,12 +24,16 @@ of the data):
   offload reads and writes the states (or parameters) through the drives.
 
 A collective crosses nodes when its group spans more ranks than a node has (mesh dims are
-laid out innermost-fastest, see ``parallelism.mesh``).
+laid out innermost-fastest, see ``parallelism.mesh``). Every collective is also recorded with
+its group, link, calls per step and whether prefetching can hide it behind compute
+(ZeRO-3's gathers and reductions) or it sits on the critical path (head and displacement
+parallelism's all-reduces): :mod:`launcher.step_time` turns them into seconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from launcher.memory_model import FP32, model_census
 from launcher.shard_model import padded_model_parallel_numel, padded_shard_numel
@@ -46,6 +50,31 @@ NVME_BYTES_PER_S = 3e9
 """NVMe, per GPU (a node's drives shared by its GPUs)."""
 CPU_ADAM_PARAMS_PER_S = 2e8
 """AdamW updates per second of one process's offloaded states on the host."""
+TP_ALL_REDUCES_PER_LAYER = 4
+"""Head parallelism: attention and MLP outputs forward, their inputs' gradients backward."""
+DISPP_ALL_REDUCES_PER_LAYER = 6
+"""Displacement parallelism: row maxima, exp-sums and partial outputs forward; Σ a·dA, the bank
+input's gradient (and a scalar) backward — counted in ``benchmarks/bench_parallel.py`` (12 for 2 blocks)."""
+
+Kind = Literal["all_gather", "reduce_scatter", "all_reduce"]
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective of a step on one rank."""
+
+    name: str
+    kind: Kind
+    group: int  # ranks in the group
+    inter_node: bool  # the group spans nodes
+    bytes: float  # what the rank sends per step (ring: (k-1)/k of the payload, twice for an all-reduce)
+    calls: int  # collective calls per step
+    hidden: bool  # prefetching can overlap it with compute (ZeRO-3); else on the critical path
+
+    @property
+    def ring_steps(self) -> int:
+        """Latency-bound steps of one call of a ring algorithm."""
+        return (2 if self.kind == "all_reduce" else 1) * (self.group - 1)
 
 
 @dataclass(frozen=True)
@@ -57,9 +86,13 @@ class StepCost:
     pcie: int
     nvme: int
     cpu_updates: int  # parameters whose AdamW update runs on the host
+    collectives: tuple[Collective, ...] = field(default=())
+    serial_pcie: int = 0  # of ``pcie``: copies that wait for the optimizer (DeepSpeed's offloaded optimizer)
+    serial_nvme: int = 0  # of ``nvme``: the offloaded optimizer's state traffic
 
     @property
     def seconds(self) -> float:
+        """Data movement at the nominal bandwidths, all of it serial (no compute, no overlap)."""
         return (self.inter_node / NETWORK_BYTES_PER_S + self.intra_node / NVLINK_BYTES_PER_S
                 + self.pcie / PCIE_BYTES_PER_S + self.nvme / NVME_BYTES_PER_S
                 + self.cpu_updates / CPU_ADAM_PARAMS_PER_S)
@@ -69,29 +102,39 @@ def step_cost(cfg: Config, layout: ParallelConfig, procs_per_node: int) -> StepC
     """The data movement of one optimizer step of ``cfg`` under ``layout`` (see the module docstring)."""
     model, train = cfg.model, cfg.train
     ga = train.grad_accum
-    paths = {"inter": 0.0, "intra": 0.0}
+    recorded: list[Collective] = []
 
-    def collective(nbytes: float, span: int) -> None:
-        paths["inter" if span > procs_per_node else "intra"] += nbytes
+    def collective(name: str, kind: Kind, nbytes: float, group: int, span: int, calls: int, hidden: bool) -> None:
+        if group > 1:
+            recorded.append(Collective(name, kind, group, span > procs_per_node, nbytes, calls, hidden))
 
-    params = model_census(model, layout.vocab_parallel).params
+    census = model_census(model, layout.vocab_parallel)
+    params = census.params
+    units = len(census.units())
     low = layout.mixed_precision in ("bf16", "fp16") or (
         layout.engine == "deepspeed" and train.precision in ("bf16", "fp16"))
     compute = 2 if low else FP32
     mp = layout.tp * layout.dispp
-    pcie = nvme = updates = 0.0
+    pcie = nvme = updates = serial_pcie = serial_nvme = 0.0
     if layout.engine == "fsdp":
         numel = sum(padded_model_parallel_numel(p, layout) for p in params)
         ds, rep = layout.dp_shard, layout.dp_replicate
-        collective((2 * ga * compute + FP32) * numel * (ds - 1) / ds, ds * mp)
-        collective(2 * FP32 * numel / ds * (rep - 1) / rep, ds * mp * rep)
+        share = (ds - 1) / ds
+        collective("ZeRO-3 all-gather", "all_gather", 2 * ga * compute * numel * share, ds, ds * mp, 2 * ga * units,
+                   True)
+        collective("ZeRO-3 reduce-scatter", "reduce_scatter", FP32 * numel * share, ds, ds * mp, units, True)
+        collective("HSDP all-reduce", "all_reduce", 2 * FP32 * numel / ds * (rep - 1) / rep, rep, ds * mp * rep,
+                   units, True)
         if layout.cpu_offload:
             shard = sum(padded_shard_numel(p, layout) for p in params)
             pcie, updates = (2 * ga + 1) * shard * FP32, shard
     elif layout.engine == "deepspeed":
         numel = sum(p.numel for p in params)
         world = layout.dp_shard * layout.dp_replicate
-        collective((2 * ga * compute + FP32) * numel * (world - 1) / world, world)
+        share = (world - 1) / world
+        collective("ZeRO-3 all-gather", "all_gather", 2 * ga * compute * numel * share, world, world,
+                   2 * ga * units, True)
+        collective("ZeRO-3 reduce-scatter", "reduce_scatter", FP32 * numel * share, world, world, units, True)
         partition = sum(padded_shard_numel(p, layout) for p in params)
         gathers = 2 * ga * partition * compute
         if layout.offload_param == "cpu":
@@ -99,16 +142,25 @@ def step_cost(cfg: Config, layout: ParallelConfig, procs_per_node: int) -> StepC
         elif layout.offload_param == "nvme":
             nvme += gathers
         if layout.offload_optimizer != "none":
-            pcie += ga * partition * FP32 + partition * compute
+            serial_pcie = ga * partition * FP32 + partition * compute
+            pcie += serial_pcie
             updates = partition
         if layout.offload_optimizer == "nvme":
-            nvme += 2 * 3 * FP32 * partition  # read and write the master copy and both moments
+            serial_nvme = 2 * 3 * FP32 * partition  # read and write the master copy and both moments
+            nvme += serial_nvme
     d = model.dims
     tokens = train.micro_batch_size * model.layout().max_tokens * ga
     act = 2 if train.precision != "fp32" or low else FP32
     if layout.tp > 1:
-        collective(4 * d.depth * tokens * d.dim * act * 2 * (layout.tp - 1) / layout.tp, layout.tp)
+        collective("tp all-reduce", "all_reduce",
+                   TP_ALL_REDUCES_PER_LAYER * d.depth * tokens * d.dim * act * 2 * (layout.tp - 1) / layout.tp,
+                   layout.tp, layout.tp, TP_ALL_REDUCES_PER_LAYER * d.depth * ga, False)
     if layout.dispp > 1:
         width = d.dim + d.heads * d.dim_head // layout.tp + 3 * d.heads // layout.tp
-        collective(d.depth * tokens * width * FP32 * 2 * (layout.dispp - 1) / layout.dispp, mp)
-    return StepCost(int(paths["inter"]), int(paths["intra"]), int(pcie), int(nvme), int(updates))
+        collective("dispp all-reduce", "all_reduce",
+                   d.depth * tokens * width * FP32 * 2 * (layout.dispp - 1) / layout.dispp, layout.dispp, mp,
+                   DISPP_ALL_REDUCES_PER_LAYER * d.depth * ga, False)
+    inter = sum(c.bytes for c in recorded if c.inter_node)
+    intra = sum(c.bytes for c in recorded if not c.inter_node)
+    return StepCost(int(inter), int(intra), int(pcie), int(nvme), int(updates), tuple(recorded),
+                    int(serial_pcie), int(serial_nvme))

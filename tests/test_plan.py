@@ -73,14 +73,19 @@ def test_candidates_respect_the_code_and_the_node(cfg):
     assert layouts
     for layout in layouts:
         assert layout.dp_replicate * layout.dp_shard * layout.dispp * layout.tp == 8
-        assert cluster.procs_per_node % (layout.tp * layout.dispp) == 0
+        model_parallel = layout.tp * layout.dispp
+        assert cluster.procs_per_node % layout.tp == 0  # head parallelism stays inside a node
+        assert cluster.procs_per_node % model_parallel == 0 or model_parallel % cluster.procs_per_node == 0
         assert cfg.model.dims.heads % layout.tp == 0 and layout.dispp <= 32 // 4
         if layout.engine == "deepspeed":
             assert (layout.tp, layout.dispp, layout.dp_replicate) == (1, 1, 1)
         if layout.engine == "none":
             assert layout.dp_replicate * layout.dp_shard == 1
     engines = {layout.engine for layout in layouts}
-    assert engines == {"fsdp", "deepspeed"}  # no `none`: 8 ranks cannot all be model-parallel inside a 4-GPU node
+    assert engines == {"fsdp", "deepspeed", "none"}
+    # `none` needs all 8 ranks model-parallel: only with displacement parallelism spanning both nodes.
+    assert all(layout.dispp * layout.tp == 8 and layout.dispp >= 2 for layout in layouts if layout.engine == "none")
+    assert any(layout.dispp == 8 for layout in layouts)
     assert any(layout.tp == 4 for layout in layouts) and any(layout.dispp == 4 for layout in layouts)
 
 

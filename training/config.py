@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from parallelism.activation_checkpoint import ActivationCheckpoint
 from parallelism.config import ParallelConfig
+from training.hardware import HardwareSection
 from translution_dist.data.config import DataConfig
 from translution_dist.models.config import ModelConfig
 
@@ -95,6 +96,8 @@ class ClusterSection(_Section):
     shm_size: str | None = Field(None, description="/dev/shm of every pod (NCCL needs it); default 16Gi with GPUs, else 1Gi.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods require.")
     trainjob_runtime: str = Field("torch-distributed", description="Kubeflow Trainer runtime a TrainJob refers to.")
+    hardware: HardwareSection = Field(default_factory=HardwareSection,
+                                      description="Device and link figures for step times and MFU (preset or measured).")
 
 
 class Config(_Section):
