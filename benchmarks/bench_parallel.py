@@ -96,6 +96,8 @@ LAYOUTS = (
     Layout("ds2-offload", "DeepSpeed ZeRO-3 ×2, params + optimizer on CPU", 2,
            ("parallel.engine=deepspeed", "parallel.offload_param=cpu", "parallel.offload_optimizer=cpu")),
     Layout("fsdp4", "FSDP2 ZeRO-3 dp_shard=4", 4, ("parallel.engine=fsdp", "parallel.dp_shard=4")),
+    Layout("hsdp4", "HSDP: FSDP2 dp_replicate=2 × dp_shard=2", 4,
+           ("parallel.engine=fsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2")),
     Layout("tp2-fsdp2", "tp=2 × FSDP2 dp_shard=2", 4,
            ("parallel.engine=fsdp", "parallel.tp=2", "parallel.dp_shard=2")),
     Layout("dispp2-fsdp2", "dispp=2 × FSDP2 dp_shard=2", 4,
@@ -274,7 +276,7 @@ def run_worker(spec: dict) -> dict:
     from helpers.processes import run_in_processes
 
     procs, steps = spec["procs"], spec["steps"]
-    ranks = run_in_processes(rank_main, procs, spec, timeout_s=600)
+    ranks = run_in_processes(rank_main, procs, spec, timeout_s=600, procs_per_node=spec.get("procs_per_node"))
     slowest = sorted(max(r["times"][i] for r in ranks) for i in range(steps))
     window = ranks[0]["window_seconds"]
     other_cores = max(0.0, (ranks[0]["busy_seconds"] - sum(r["cpu_seconds"] for r in ranks)) / window)

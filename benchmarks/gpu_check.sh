@@ -4,7 +4,8 @@
 #   2. benchmarks/bench_ops.py on the GPU at the paper's sizes (7×7 and 14×14 grids, causal T=160;
 #      batch 8, width 192, 3 heads × 64) and the ViT-tiny model step;
 #   3. 20 training steps of the paper's GPT-tiny (full Translution, T=160, GPT-2 vocabulary, synthetic
-#      tokens, batch 8, bf16) in one process, without and with train.activation_checkpoint=block.
+#      tokens, batch 8, bf16) in one process, without and with train.activation_checkpoint=block;
+#      the trainer logs tokens/s and MFU (against the card's datasheet BF16 peak) every step.
 # Every stage has its own time limit; a failed stage is reported and the others still run.
 #
 #   bash benchmarks/gpu_check.sh                           # on the GPU machine

@@ -8,7 +8,8 @@ timed steps of the slowest rank) — the machine is shared, so the two calibrati
 load the measurement saw and their mean is used — and predict it with the planner's step-time model
 (``launcher.plan.evaluate`` on a cluster made of the calibrated figures). Four processes are
 planned as 2 nodes × 2 processes, so every collective that spans both pairs is priced as
-inter-node traffic (loopback's figures: the measurement runs all four ranks on this machine).
+inter-node traffic, and measured so: the ranks carry torchrun's environment of two nodes
+(``GROUP_RANK``, ``LOCAL_RANK``), all on this machine, so both links are loopback's figures.
 
 Usage::
 
@@ -85,7 +86,8 @@ def main() -> None:
         batch = cfg.train.micro_batch_size  # the per-rank batch the kernels run at (8 under tp/dispp)
         # The machine is shared: calibrate just before and just after the measurement, and use the mean.
         before = calibrate.measure(cfg.model, batch, procs, args.budget)
-        measured = run_in_subprocess(dict(overrides=list(lay.overrides), procs=procs, steps=args.steps))
+        measured = run_in_subprocess(dict(overrides=list(lay.overrides), procs=procs, steps=args.steps,
+                                          procs_per_node=procs // NODES[procs]))
         after = calibrate.measure(cfg.model, batch, procs, args.budget)
         figures = {key: (before[key] + after[key]) / 2 for key in before}
         calibrations[lay.key] = dict(batch=batch, before=before, after=after)

@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from training.hardware import MATMUL_SIZE, measured_matmul_flops
 from translution_dist.models import ModelConfig
 from translution_dist.models.blocks import FeedForward, make_attention
 from translution_dist.models.flops import flop_terms
 
-MATMUL_SIZE = 1024
 ADAM_PARAMS = 4 << 20
 COPY_BYTES = 64 << 20
 ALL_REDUCE_BYTES = 16 << 20
@@ -77,9 +77,7 @@ def _layer_flops(model: ModelConfig, names: set[str] | None, exclude: set[str]) 
 
 def _compute_figures(model: ModelConfig, batch: int, budget_s: float) -> dict[str, float]:
     d = model.dims
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    peak = 2 * MATMUL_SIZE ** 3 / _best_seconds(lambda: torch.mm(a, b), budget_s)
+    peak = measured_matmul_flops(torch.device("cpu"), torch.float32, budget_s)
 
     torch.manual_seed(0)
     tokens = model.layout().max_tokens

@@ -52,5 +52,6 @@ def test_cpu_dry_run_passes_every_stage(tmp_path):
     for mode in ("none", "block"):
         result = json.loads((tmp_path / f"train_{mode}.json").read_text())
         assert result["final_step"] == 3 and len(result["history"]["loss"]) == 3
+        assert 0 < result["steady_median"]["mfu"] < 1 and result["steady_median"]["tokens_per_s"] > 0
     bench = json.loads((tmp_path / "bench_ops.json").read_text())
     assert bench["device"] == "cpu" and all(r["status"] == "ok" for r in bench["layers"])

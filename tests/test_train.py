@@ -16,6 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers.processes import prepare_deepspeed_on_cpu
+from translution_dist.models import ModelConfig
+from translution_dist.models.flops import model_flops_per_sample
 
 pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
@@ -172,6 +174,15 @@ def test_run_is_read_back_from_a_real_mlflow_server(tmp_path, mlflow_server):
     losses = client.get_metric_history(run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3]
     assert "eval_top1" in run.data.metrics
+    # MFU per logged step, as torchtitan logs it: model FLOPs per second over the device's peak.
+    mfu, samples_per_s = (client.get_metric_history(run_id, key) for key in ("mfu", "samples_per_s"))
+    assert [m.step for m in mfu] == [1, 2, 3] and len(client.get_metric_history(run_id, "tokens_per_s")) == 3
+    peak = float(run.data.tags["peak_flops_per_device"])
+    assert "matmul" in run.data.tags["peak_flops_source"] and peak > 1e8  # measured on this CPU
+    flops_per_sample = model_flops_per_sample(ModelConfig.model_validate(MODEL))
+    for m, s in zip(mfu, samples_per_s):
+        assert 0 < m.value < 1
+        assert m.value == pytest.approx(flops_per_sample * s.value / peak, rel=1e-3)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for d in ("plots", "model") for a in client.list_artifacts(run_id, d)}
     assert {"config.yaml", "plots/curves.png", "model/model.safetensors"} <= artifacts

@@ -70,12 +70,17 @@ class TrainingBackend(Protocol):
     def load_scheduler_state(self, state: dict[str, Any]) -> None: ...
 
 
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: bf16/fp16 where the device autocasts to it, else fp32."""
+    if precision == "fp32" or (precision == "fp16" and device.type == "cpu"):
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def autocast_context(precision: str, device: torch.device):
     """Autocast to bf16/fp16 where the device supports it; fp32 runs as is."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if device.type == "cpu" and dtype is torch.float16:
+    dtype = compute_dtype(precision, device)
+    if dtype is torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -14,9 +14,11 @@ GPU measurement says otherwise.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PresetName = Literal["h100_sxm", "a100_sxm_80gb", "nominal"]
@@ -96,3 +98,48 @@ class HardwareSection(BaseModel):
         values = {name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
                   for name in Hardware.__dataclass_fields__}
         return Hardware(**values)
+
+
+DATASHEET_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+    ("A100", 312e12), ("L40S", 362.05e12), ("B200", 2.25e15),
+)
+"""Dense BF16 FLOP/s (no sparsity) of NVIDIA datasheets, by a marker of ``torch.cuda.get_device_name``; first match wins."""
+MATMUL_SIZE = 1024
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.25) -> float:
+    """FLOP/s of the fastest of repeated ``MATMUL_SIZE³`` matmuls on ``device``: a host's practical peak."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: thread pools, kernels
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best, calls = min(best, time.perf_counter() - t0), calls + 1
+    return 2 * MATMUL_SIZE ** 3 / best
+
+
+def datasheet_bf16_peak(device_name: str) -> float | None:
+    """The dense BF16 peak of a GPU named as ``torch.cuda.get_device_name`` names it, if it is in the table."""
+    return next((flops for marker, flops in DATASHEET_BF16_PEAKS if marker in device_name), None)
+
+
+def device_peak_flops(section: HardwareSection, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The per-device peak MFU divides by, and where it comes from.
+
+    An explicit ``cluster.hardware.peak_flops`` wins; a GPU is looked up by name in the
+    datasheets (its BF16 dense peak, whatever the precision, as torchtitan does), else its
+    preset; a CPU has no datasheet peak here, so its matmul rate in ``dtype`` is measured.
+    """
+    if section.peak_flops is not None:
+        return section.peak_flops, "cluster.hardware.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if (flops := datasheet_bf16_peak(name)) is not None:
+            return flops, f"{name}: datasheet dense BF16"
+        return PRESETS[section.preset].peak_flops, f"{name}: not in the datasheet table, preset {section.preset}"
+    return measured_matmul_flops(device, dtype), f"measured {MATMUL_SIZE}³ {str(dtype).removeprefix('torch.')} matmul"

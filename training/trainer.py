@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from training.backend import DistContext, StepResult, TrainingBackend
+from training.backend import DistContext, StepResult, TrainingBackend, compute_dtype
 from training.checkpoint.store import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from training.config import Config, flatten
+from training.hardware import device_peak_flops
 from training.plots import plot_history
 from training.tasks import task_for
 from training.tracking import Tracker, default_tracking_uri
+from translution_dist.models.flops import model_flops_per_sample
 
 log = logging.getLogger("translution.train")
 
@@ -87,6 +89,13 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.step = 0
         self.phase = "start-up"  # what the loop is doing, for the collective-timeout message
+        # MFU as torchtitan logs it: the model's FLOPs (no recomputation) over every rank's peak.
+        self.model_flops_per_sample = model_flops_per_sample(cfg.model)
+        self.peak_flops, self.peak_flops_source = device_peak_flops(
+            cfg.cluster.hardware, ctx.device, compute_dtype(cfg.train.precision, ctx.device))
+        if ctx.is_main:
+            log.info("MFU counts %.3g FLOPs per sample against %.3g FLOP/s per device (%s)",
+                     self.model_flops_per_sample, self.peak_flops, self.peak_flops_source)
 
     # -- set-up --------------------------------------------------------------------
 
@@ -97,7 +106,8 @@ class Trainer:
         self.tracker = Tracker(uri, self.cfg.tracking.experiment)
         tags = {"git_commit": _git_commit(), "layout": self.ctx.dims.tag(self.cfg.model.bank_chunks),
                 "world_size": str(self.ctx.world_size),
-                "device": self.ctx.device.type, "topology": os.environ.get("TRANSLUTION_TOPOLOGY", "local")}
+                "device": self.ctx.device.type, "topology": os.environ.get("TRANSLUTION_TOPOLOGY", "local"),
+                "peak_flops_per_device": f"{self.peak_flops:.4g}", "peak_flops_source": self.peak_flops_source}
         run_id = self.tracker.start(self.cfg.run.name, tags, resume_run_id, self.cfg.tracking.system_metrics)
         (self.run_dir / "mlflow_run_id").write_text(run_id)
         if resume_run_id is None:
@@ -200,6 +210,7 @@ class Trainer:
                    dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
         last = StepResult(float("nan"), float("nan"), 0, 0, False, None)
+        postfix: dict[str, str] = {}
         status = "FAILED"
         try:
             while self.step < cfg.steps:
@@ -211,9 +222,12 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{last.loss:.4f}")
+                postfix["loss"] = f"{last.loss:.4f}"
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log(self._step_metrics(last, elapsed))
+                    metrics = self._step_metrics(last, elapsed)
+                    self._log(metrics)
+                    postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
+                bar.set_postfix(postfix)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
                     self.phase = f"evaluation after step {self.step}"
                     self._log(self.evaluate())
@@ -235,13 +249,14 @@ class Trainer:
                            self.tracker.run_id if self.tracker else None, dict(self.history))
 
     def _step_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
-        dp = self.ctx.dp_size
+        samples = result.samples * self.ctx.dp_size  # tp/dispp peers share their data-parallel rank's samples
         metrics = {
             "loss": result.loss,
             "lr": self.backend.lr(),
             "grad_norm": result.grad_norm,
-            "samples_per_s": result.samples * dp / elapsed,
-            "tokens_per_s": result.tokens * dp / elapsed,
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": result.tokens * self.ctx.dp_size / elapsed,
+            "mfu": self.model_flops_per_sample * samples / (elapsed * self.ctx.world_size * self.peak_flops),
             "step_time_s": elapsed,
             "peak_memory_gib_rank0": _peak_memory_bytes(self.ctx.device) / 2**30,
         }
