@@ -173,3 +173,18 @@ def test_real_commands_exit_2(inputs):
         result = run(cmd, expect=2, timeout=120)
         assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not _leftovers(tmp)
+
+
+@pytest.mark.parametrize("order", ["section first", "dotted first"])
+def test_a_dotted_override_survives_a_section_override_in_either_order(inputs, monkeypatch, order):
+    """``model=FILE`` applies before ``model.key=value`` wherever it stands, so the value is never dropped."""
+    from training.config import load_config
+
+    tmp = inputs["tmp"]
+    model = yaml.safe_load((tmp / "good.yaml").read_text())["model"]
+    (tmp / "other_model.yaml").write_text(yaml.safe_dump({**model, "depth": 1, "mlp_dim": 24}))
+    monkeypatch.chdir(tmp)  # a section file on the command line resolves against the working directory
+    section, dotted = "model=other_model.yaml", "model.mlp_dim=40"
+    overrides = [section, dotted] if order == "section first" else [dotted, section]
+    cfg = load_config(tmp / "good.yaml", overrides)
+    assert (cfg.model.depth, cfg.model.mlp_dim) == (1, 40)

@@ -184,16 +184,32 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
+def _replaces_a_section(override: str) -> bool:
+    """``model=configs/models/x.yaml`` (or an inline mapping): a whole section, not one value in it."""
+    return override.partition("=")[0] in INCLUDABLE_SECTIONS
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, include, override and validate a run config."""
+    """Read, include, override and validate a run config.
+
+    Overrides that replace a whole section (``model=FILE``) apply before the dotted ones
+    (``model.context_length=64``), whatever their order on the command line, so a dotted
+    override is never lost under a section that replaces it later (Hydra's rule for config
+    groups). A section file named on the command line resolves against the working directory;
+    one named inside a YAML file, against that file's folder.
+    """
     path = Path(path)
     raw = _read_yaml(path, "config")
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {path} must hold a mapping with sections such as model, data, train")
     raw = _resolve_includes(raw, path.parent)
-    for override in overrides:
+    sections = [o for o in overrides if _replaces_a_section(o)]
+    for override in sections:
         apply_override(raw, override)
     raw = _resolve_includes(raw, Path.cwd())
+    for override in overrides:
+        if override not in sections:
+            apply_override(raw, override)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
