@@ -21,6 +21,7 @@ from reliability.harness import (
     assert_identical,
     dcp_state,
     env,
+    launch_cmd,
     lines_with,
     remount,
     run,
@@ -111,6 +112,20 @@ def test_crash_mid_write_and_damaged_checkpoints_fall_back_to_a_good_one(referen
     assert lines_with(log, "resumed from", "step_00000002")
     assert not partial.exists()
     assert_identical(dcp_state(reference / FINAL, tmp_path), dcp_state(tmp_path / "runs" / "crashed" / FINAL, tmp_path))
+
+
+@pytest.mark.multiprocess
+def test_async_checkpoint_is_complete_once_written_not_when_the_next_one_starts(tmp_path):
+    """Step 4's asynchronous save finishes during a 3 s stall at step 6; a kill at step 7 keeps it."""
+    config = write_config(tmp_path, "async", train={"steps": 8, "checkpoint_every": 4, "async_checkpoint": True},
+                          parallel={"engine": "fsdp", "dp_shard": -1})
+    killed = run(launch_cmd(config, nproc=2), fault="hang@step:6:seconds:3,kill@step:7", expect=None)
+    assert killed.returncode != 0 and lines_with(killed.stderr, "TRANSLUTION_FAULT: kill at step 7")
+    checkpoints = tmp_path / "runs" / "async" / "checkpoints"
+    assert verify(checkpoints / "step_00000004") is None  # complete: marker written, checksums match
+
+    log = run(launch_cmd(config, nproc=2)).stderr
+    assert lines_with(log, "resumed from", "step_00000004")
 
 
 # -- a full disk --------------------------------------------------------------------------------

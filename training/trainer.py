@@ -221,6 +221,7 @@ class Trainer:
                     self._handle_nonfinite(last)
                 elapsed = time.perf_counter() - start
                 self.step += 1
+                self.checkpoints.poll()
                 bar.update(1)
                 postfix["loss"] = f"{last.loss:.4f}"
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
