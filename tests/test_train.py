@@ -188,6 +188,21 @@ def test_run_is_read_back_from_a_real_mlflow_server(tmp_path, mlflow_server):
     assert {"config.yaml", "plots/curves.png", "model/model.safetensors"} <= artifacts
 
 
+def test_system_metrics_go_into_the_run_and_nowhere_else(tmp_path, mlflow_server):
+    import mlflow
+
+    config = _config(tmp_path, "monitored", tracking={"uri": mlflow_server, "system_metrics": True}, train={"steps": 3})
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(config)], cwd=tmp_path,
+                            env={**_env(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "not found" not in result.stderr
+    run_id = (tmp_path / "runs" / "monitored" / "mlflow_run_id").read_text()
+    metrics = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(run_id).data.metrics
+    assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 def test_deepspeed_run_resumes_exactly(tmp_path):
     prepare_deepspeed_on_cpu()  # for the launched processes
     layout = {"engine": "deepspeed", "dp_shard": -1, "offload_param": "cpu", "offload_optimizer": "cpu"}

@@ -71,7 +71,9 @@ class Tracker:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+            # The run's own store: without tracking_uri the monitor writes to MLflow's default
+            # (a stray ./mlflow.db) and never finds the run.
+            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
             self._system_monitor.start()
         except Exception as err:  # psutil missing, or the API moved: tracking goes on without them
             log.warning("system metrics are not logged: %s", err)
