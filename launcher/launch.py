@@ -4,8 +4,9 @@
 and none: ``--standalone`` on one node, a c10d rendezvous at the master's host:port on several,
 elastic restarts (``--max-restarts``) and per-rank logs (``--log-dir`` with ``--redirects 3
 --tee 3``). ``engine: deepspeed`` uses DeepSpeed's own launcher with a hostfile: the user's, from
-which it starts every node over ssh, or one written for the scheduler's nodes, in which case
-every node runs its own launcher (``--no_ssh --node_rank``), as torchrun does.
+which it starts every node over ssh, or one written for the scheduler's nodes (or for this one
+machine), in which case every node runs its own launcher (``--no_ssh --node_rank``), as
+torchrun does.
 
 Everything that can be checked is checked here, before a process starts: the config, that the
 layout's degrees multiply to nodes × processes per node, that the node has the GPUs asked for.
@@ -180,7 +181,7 @@ def _deepspeed(cfg: Config, topology: Topology, worker: list[str], max_restarts:
     argv += ["--hostfile", str(hostfile), "--num_nodes", str(topology.nodes),
              "--num_gpus", str(topology.procs_per_node),
              "--master_addr", topology.master_addr, "--master_port", str(topology.master_port)]
-    if topology.nodes > 1 and topology.kind != "hostfile":
+    if topology.kind != "hostfile":  # one launcher per node, one machine included: nothing goes over ssh
         argv += ["--no_ssh", "--node_rank", str(topology.node_rank)]
     if log_dir is not None:
         argv += ["--enable_each_rank_log", str(log_dir)]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.processes import prepare_deepspeed_on_cpu
 from launcher.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,18 @@ def test_real_launch_two_processes(config, tmp_path):
     assert sorted(p.parent.name for p in logs.glob("*/attempt_0/*/stderr.log")) == ["0", "1"]
     meta = json.loads(next((tmp_path / "runs" / "tiny" / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["world_size"] == 2
+
+
+@pytest.mark.multiprocess
+def test_real_deepspeed_launch_on_one_machine_needs_no_ssh(config, tmp_path):
+    """DeepSpeed's launcher with the hostfile launch writes for this machine starts both ranks locally."""
+    prepare_deepspeed_on_cpu()
+    proc = subprocess.run([*ENTRY, "launch", str(config), "parallel.engine=deepspeed", "parallel.dp_shard=-1",
+                           "--nproc-per-node", "2"], cwd=ROOT, env=_launch_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deepspeed.launcher.runner" in proc.stderr and "ssh" not in proc.stderr.replace("--no_ssh", "")
+    _completed(tmp_path / "runs" / "tiny", world=2)
 
 
 @pytest.mark.multiprocess
