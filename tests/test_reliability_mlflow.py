@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -79,3 +80,35 @@ def test_server_down_then_restarted_loses_no_metric(tmp_path, server, caplog, mo
     for metric in ("loss", "lr", "grad_norm"):
         assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, STEPS + 1)), metric
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "model")}
+
+
+# -- creating an embedded store ------------------------------------------------------------------
+
+OPEN_A_RUN = ("import sys; from training.tracking import Tracker; "
+              "t = Tracker(sys.argv[1], 'e'); t.start('r', {}); t.finish()")
+
+
+def _open_a_run(uri: str):
+    return start([sys.executable, "-c", OPEN_A_RUN, uri])
+
+
+@pytest.mark.parametrize("kill_after_s", [1.5, 2.5, 3.5])
+def test_a_store_killed_while_being_created_is_never_left_half_made(tmp_path, kill_after_s):
+    """SIGKILL a run while it may be building the store's schema; the next run finds a usable store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _open_a_run(uri)
+    time.sleep(kill_after_s)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    reap(first.marker, "killed creator")
+    second = _open_a_run(uri)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err[-3000:]
+
+
+def test_two_runs_creating_one_store_at_once_both_succeed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [_open_a_run(uri) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert not list(tmp_path.glob(".mlflow.db.*"))  # no private file left behind

@@ -33,6 +33,34 @@ def default_tracking_uri(output_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create a new ``sqlite:///`` store whole or not at all.
+
+    MLflow builds a store's schema by a series of migrations that SQLite does not run as one
+    transaction: a process killed among them leaves a file every later run fails on
+    ("index … already exists"), and two runs creating the same store at once collide in them.
+    So the schema is built in a private file and linked into place, which succeeds for exactly
+    one creator; the others (and every later run) find it complete.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    import mlflow
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{private}").search_experiments()  # runs the migrations
+        try:
+            os.link(private, path)
+        except FileExistsError:
+            pass  # another run created it first: theirs is complete too
+    finally:
+        private.unlink(missing_ok=True)
+
+
 class Tracker:
     """Logs one run. Use :meth:`start` once, then the ``log_*`` methods, then :meth:`finish`."""
 
@@ -42,6 +70,7 @@ class Tracker:
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.mlflow = mlflow
+        create_sqlite_store(uri)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
         self.experiment = experiment
