@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import time
 from datetime import datetime
 
 import numpy as np
 import pytest
 
-from reliability.harness import MODEL, launch_cmd, lines_with, run, train_cmd, write_config
+from reliability.harness import MODEL, launch_cmd, lines_with, reap, run, start, train_cmd, write_config
 from translution_dist.data.image_folder import build_image_folder_shards
 from translution_dist.data.shards import load_index
 
@@ -102,3 +103,24 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, image_sh
     assert max(m.value for m in skipped) >= 2
     assert max(m.value for m in client.get_metric_history(run_id, "data/skipped_samples")) >= 1
     assert {m.step for m in client.get_metric_history(run_id, "loss")} == set(range(1, 9))
+
+
+def test_a_second_run_in_a_live_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Same run.name and output_dir, another seed: refused while the first lives; after a SIGKILL it goes on."""
+    config = write_config(tmp_path, "shared", train={"steps": 4})
+    first = start(train_cmd(config), fault="hang@step:3:seconds:600")
+    lock_holder = tmp_path / "runs" / "shared" / "checkpoints" / "step_00000002" / "COMPLETE.json"
+    deadline = time.monotonic() + 240
+    while not lock_holder.exists():  # the first run is past its set-up and holds the directory
+        assert first.poll() is None and time.monotonic() < deadline, "the first run did not reach step 2"
+        time.sleep(0.1)
+
+    second = run(train_cmd(config, "run.seed=1"), expect=2)
+    assert lines_with(second.stderr, "run.name:", "is in use by another run", '"pid": ' + str(first.pid))
+    assert "Traceback" not in second.stderr
+
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    reap(first.marker, "killed first run")
+    again = run(train_cmd(config))
+    assert lines_with(again.stderr, "resumed from", "step_00000002")

@@ -29,6 +29,7 @@ from parallelism.materialize import materialize
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
+from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
 from training.torch_backend import TorchBackend
 from training.trainer import Trainer, TrainResult
@@ -121,16 +122,23 @@ def build_loaders(cfg: Config, ctx: DistContext) -> dict:
     return loaders
 
 
-def write_run_dir(cfg: Config, ctx: DistContext) -> None:
-    """Create the run directory and record the resolved config (rank 0), before any state is written.
+def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
+    """Create and lock the run directory and record the resolved config (rank 0), before any state is written.
 
-    A directory that cannot be written is a config error on every rank (exit code 2), found before training.
+    A directory that cannot be written, or that another live run holds, is a config error on
+    every rank (exit code 2), found before training. Rank 0 gets the lock to release at the end.
     """
-    error = None
+    error, lock = None, None
     if ctx.is_main:
         try:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunDirectoryLock(cfg.run_dir)
+            lock.acquire()
             (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+        except RunDirectoryLocked as err:
+            lock = None
+            error = (f"run.name: {err}; two runs in one directory would overwrite each other's checkpoints: wait "
+                     "for that run to end, or choose another run.name or run.output_dir")
         except OSError as err:
             error = (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
                      "choose a writable run.output_dir")
@@ -139,7 +147,10 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> None:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
+        if lock is not None:
+            lock.release()
         raise ConfigError(error)
+    return lock
 
 
 def _with_faults(trainer: Trainer) -> None:
@@ -152,10 +163,11 @@ def _with_faults(trainer: Trainer) -> None:
 def train(cfg: Config) -> TrainResult:
     ctx = setup(cfg)
     _configure_logging(ctx.rank)
+    lock = None
     try:
         backend = build_backend(cfg, ctx)
         loaders = build_loaders(cfg, ctx)
-        write_run_dir(cfg, ctx)
+        lock = write_run_dir(cfg, ctx)
         trainer = Trainer(cfg, ctx, backend, loaders)
         _with_faults(trainer)
         with diagnose_stalls(ctx.rank, ctx.world_size, cfg.train.collective_timeout_s, lambda: trainer.phase):
@@ -166,5 +178,7 @@ def train(cfg: Config) -> TrainResult:
                      {k: round(v, 4) for k, v in result.eval_metrics.items()}, result.run_dir)
         return result
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
