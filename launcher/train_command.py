@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
     # (The process's own stderr: ``sys.stderr`` may be a capture without a file descriptor.)
     faulthandler.enable(sys.__stderr__)
     cfg = load_config(args.config, args.overrides)
+    from training.preemption import Stopped
     from training.run import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Stopped as stopped:  # checkpointed and logged on every rank; exit as the signal would
+        return stopped.exit_code
     return 0

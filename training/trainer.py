@@ -1,4 +1,4 @@
-"""The training loop: step → metrics → MLflow (rank 0) → checkpoint every k steps.
+"""The training loop: step → metrics → MLflow (rank 0) → checkpoint every k steps, and on SIGTERM or SIGINT.
 
 :class:`Trainer` runs in every process once ``training.run`` has set up the process group,
 the sharded model's backend and the data. It resumes from the newest good checkpoint of the
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import subprocess
 import time
 from collections import defaultdict
@@ -28,6 +29,7 @@ from training.checkpoint.store import CheckpointError, CheckpointManager, rng_st
 from training.config import Config, flatten
 from training.hardware import device_peak_flops
 from training.plots import plot_history
+from training.preemption import Stopped, StopRequest
 from training.tasks import task_for
 from training.tracking import Tracker, default_tracking_uri
 from translution_dist.models.flops import model_flops_per_sample
@@ -213,27 +215,30 @@ class Trainer:
         postfix: dict[str, str] = {}
         status = "FAILED"
         try:
-            while self.step < cfg.steps:
-                start = time.perf_counter()
-                self.phase = f"training step {self.step + 1}"
-                last = self.backend.train_step(self._micro_batches(batches), self.task.step)
-                if last.skipped:
-                    self._handle_nonfinite(last)
-                elapsed = time.perf_counter() - start
-                self.step += 1
-                self.checkpoints.poll()
-                bar.update(1)
-                postfix["loss"] = f"{last.loss:.4f}"
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    metrics = self._step_metrics(last, elapsed)
-                    self._log(metrics)
-                    postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
-                bar.set_postfix(postfix)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
-                    self.phase = f"evaluation after step {self.step}"
-                    self._log(self.evaluate())
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
-                    self.save_checkpoint(final=False)
+            with StopRequest(self.ctx) as stop_request:
+                while self.step < cfg.steps:
+                    start = time.perf_counter()
+                    self.phase = f"training step {self.step + 1}"
+                    last = self.backend.train_step(self._micro_batches(batches), self.task.step)
+                    if last.skipped:
+                        self._handle_nonfinite(last)
+                    elapsed = time.perf_counter() - start
+                    self.step += 1
+                    self.checkpoints.poll()
+                    bar.update(1)
+                    postfix["loss"] = f"{last.loss:.4f}"
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        metrics = self._step_metrics(last, elapsed)
+                        self._log(metrics)
+                        postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
+                    bar.set_postfix(postfix)
+                    if signum := stop_request.agreed():
+                        self._stop(signum)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                        self.phase = f"evaluation after step {self.step}"
+                        self._log(self.evaluate())
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
+                        self.save_checkpoint(final=False)
             self.phase = "final evaluation"
             eval_metrics = self.evaluate()
             self._log(eval_metrics)
@@ -242,12 +247,23 @@ class Trainer:
             self.phase = "model export"
             self._finish_artifacts()
             status = "FINISHED"
+        except Stopped:
+            status = "KILLED"
+            raise
         finally:
             bar.close()
             if self.tracker is not None:
                 self.tracker.finish(status)
         return TrainResult(self.step, last.loss, eval_metrics, self.run_dir,
                            self.tracker.run_id if self.tracker else None, dict(self.history))
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoint this step synchronously and raise :class:`Stopped` (every rank, the same step)."""
+        log.warning("rank %d: %s: stopping after step %d with a checkpoint; run the same command again to resume",
+                    self.ctx.rank, signal.Signals(signum).name, self.step)
+        self.save_checkpoint(final=True)
+        self.checkpoints.wait()
+        raise Stopped(signum, self.step)
 
     def _step_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
         samples = result.samples * self.ctx.dp_size  # tp/dispp peers share their data-parallel rank's samples
