@@ -203,6 +203,23 @@ def test_system_metrics_go_into_the_run_and_nowhere_else(tmp_path, mlflow_server
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
+def test_artifacts_of_an_embedded_store_lie_beside_it(tmp_path):
+    import mlflow
+
+    store = tmp_path / "runs" / "mlflow.db"
+    config = _config(tmp_path, "embedded", tracking={"uri": f"sqlite:///{store}"}, train={"steps": 2})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(config)], cwd=elsewhere, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (elsewhere / "mlruns").exists()
+    run_id = (tmp_path / "runs" / "embedded" / "mlflow_run_id").read_text()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml"}
+
+
 def test_deepspeed_run_resumes_exactly(tmp_path):
     prepare_deepspeed_on_cpu()  # for the launched processes
     layout = {"engine": "deepspeed", "dp_shard": -1, "offload_param": "cpu", "offload_optimizer": "cpu"}

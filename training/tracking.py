@@ -61,6 +61,15 @@ def create_sqlite_store(uri: str) -> None:
         private.unlink(missing_ok=True)
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of an embedded store beside it (``mlartifacts/`` next to ``mlflow.db``), not in the working
+    directory's ``./mlruns``, MLflow's default, which every store started from that directory would share.
+    A server decides for itself (``None``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 class Tracker:
     """Logs one run. Use :meth:`start` once, then the ``log_*`` methods, then :meth:`finish`."""
 
@@ -90,7 +99,8 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
         else:
             experiment = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.uri))
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         if system_metrics:
             self._start_system_metrics()
