@@ -40,6 +40,10 @@ CONFIG_FILE = "run.yaml"
 WORKDIR = "/workspace"
 MLFLOW_PORT = 5000
 RUN_AS = 1000  # the image's non-root user (docker/Dockerfile); fsGroup makes the volumes writable for it
+TERMINATION_GRACE_S = 60
+"""A preempted pod's SIGTERM reaches torchrun, which forwards it to the ranks and kills them 30 s later; in that
+time every rank finishes its step and writes its checkpoint (training/preemption.py). The pod's grace covers
+those 30 s and torchrun's own exit."""
 OUTPUT_FILES = ("kustomization.yaml", "configmap.yaml", "storage.yaml", "mlflow.yaml",
                 *(f"{flavor}.yaml" for flavor in FLAVORS))
 
@@ -220,6 +224,7 @@ def _container(s: _Settings, name: str, env: list[dict[str, Any]]) -> dict[str, 
 
 def _pod_spec(s: _Settings, container: dict[str, Any], **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {**extra, "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "fsGroup": RUN_AS},
+                            "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
                             "containers": [container], "volumes": _volumes(s)}
     if s.node_selector:
         spec["nodeSelector"] = dict(sorted(s.node_selector.items()))
