@@ -185,6 +185,7 @@ def _checkpointed_model(cfg: ModelConfig, mode: str) -> nn.Module:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 40 s; the FSDP2/tp/dispp test above runs by default
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_recomputation_is_exact_under_deepspeed_zero3():
     pytest.importorskip("deepspeed")

@@ -78,6 +78,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # 40 s; async completion at 2 ranks runs by default (test_reliability_checkpoint)
 def test_async_checkpoints_under_bf16_resume_bitwise_at_two_processes(tmp_path):
     """Asynchronous DCP writes (completed before the next save) and bf16 autocast: resume is still exact."""
     sections = {"parallel": {"engine": "fsdp", "dp_shard": 2}, "train": {"async_checkpoint": True, "precision": "bf16"}}
@@ -220,6 +221,7 @@ def test_artifacts_of_an_embedded_store_lie_beside_it(tmp_path):
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml"}
 
 
+@pytest.mark.slow  # 35 s; DeepSpeed checkpoints are resumed by default in test_checkpoint_engines
 def test_deepspeed_run_resumes_exactly(tmp_path):
     prepare_deepspeed_on_cpu()  # for the launched processes
     layout = {"engine": "deepspeed", "dp_shard": -1, "offload_param": "cpu", "offload_optimizer": "cpu"}
