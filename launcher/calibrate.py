@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from training.hardware import MATMUL_SIZE, measured_matmul_flops
+from training.hardware import MATMUL_SIZE, best_seconds, measured_matmul_flops
 from translution_dist.models import ModelConfig
 from translution_dist.models.blocks import FeedForward, make_attention
 from translution_dist.models.flops import flop_terms
@@ -44,18 +44,6 @@ from translution_dist.models.flops import flop_terms
 ADAM_PARAMS = 4 << 20
 COPY_BYTES = 64 << 20
 ALL_REDUCE_BYTES = 16 << 20
-
-
-def _best_seconds(fn: Callable[[], Any], budget_s: float, least: int = 3) -> float:
-    """The fastest of repeated calls of ``fn`` within about ``budget_s`` (at least ``least`` calls)."""
-    fn()  # warm-up: allocations, plans, thread pools
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < least or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -107,7 +95,7 @@ def _compute_figures(model: ModelConfig, batch: int, budget_s: float) -> dict[st
     adam_s = _median_seconds(adam, 5)
     src = torch.empty(COPY_BYTES // 4)
     dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), budget_s / 4)
+    copy_s = best_seconds(lambda: dst.copy_(src), budget_s / 4)
     return {"peak_flops": peak, "kernel_efficiency": attention_flops / attn_s / peak,
             "matmul_efficiency": ff_flops / ff_s / peak, "cpu_adam_params_per_s": ADAM_PARAMS / adam_s,
             "pcie_bandwidth": COPY_BYTES / copy_s}

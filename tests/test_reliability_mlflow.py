@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from reliability.harness import MlflowServer, lines_with, reap, start, train_cmd, write_config
+from reliability.harness import MlflowServer, lines_with, reap, start, train_cmd, wait_for_file, write_config
 
 pytestmark = pytest.mark.multiprocess  # every test here starts processes
 
@@ -24,13 +24,6 @@ def server(tmp_path):
     server.start()
     yield server
     server.kill()
-
-
-def _wait_for(path, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def test_server_down_then_restarted_loses_no_metric(tmp_path, server, caplog, monkeypatch):
@@ -50,7 +43,7 @@ def test_server_down_then_restarted_loses_no_metric(tmp_path, server, caplog, mo
     with log_path.open("w") as log:
         proc = start(train_cmd(config), stdout=log, stderr=log)
         try:
-            _wait_for(run_dir / "mlflow_run_id", proc)
+            wait_for_file(run_dir / "mlflow_run_id", proc)
             server.kill()  # from here on every call fails: refused connections
 
             # the tracker queues instead of stalling (MLflow's client alone would retry for minutes)
@@ -62,7 +55,7 @@ def test_server_down_then_restarted_loses_no_metric(tmp_path, server, caplog, mo
             assert any("could not be delivered" in r.message for r in caplog.records)
 
             # training goes on to its end with the server down, then waits in its final flush ...
-            _wait_for(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE.json", proc)
+            wait_for_file(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE.json", proc)
             os.kill(proc.pid, signal.SIGSTOP)  # ... held there while the server restarts (slowly, on 2 cores)
             server.start()
             os.kill(proc.pid, signal.SIGCONT)

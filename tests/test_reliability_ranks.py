@@ -26,6 +26,7 @@ from reliability.harness import (
     reap,
     run,
     start,
+    wait_for_file,
     write_config,
 )
 
@@ -63,14 +64,6 @@ def _worker(marker: str, rank: int, timeout: float = 120) -> psutil.Process:
     raise AssertionError(f"no worker of rank {rank} within {timeout}s")
 
 
-def _wait_for(path, proc, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
-        time.sleep(0.05)
-
-
 def test_worker_sigkilled_three_times_resumes_bitwise(reference):
     """SIGKILL a random rank shortly after three randomly chosen checkpoints, from outside, as the OOM killer would."""
     seed = int(time.time())
@@ -83,7 +76,7 @@ def test_worker_sigkilled_three_times_resumes_bitwise(reference):
         proc = start(launch_cmd(config, nproc=2, max_restarts=len(plan)), stdout=log, stderr=log)
         try:
             for step, rank, delay in plan:
-                _wait_for(reference / "runs" / "killed" / "checkpoints" / f"step_{step:08d}" / "COMPLETE.json", proc)
+                wait_for_file(reference / "runs" / "killed" / "checkpoints" / f"step_{step:08d}" / "COMPLETE.json", proc)
                 time.sleep(delay)
                 _worker(proc.marker, rank).kill()
             assert proc.wait(timeout=400) == 0, log_path.read_text()[-6000:]

@@ -11,7 +11,17 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from reliability.harness import MODEL, launch_cmd, lines_with, reap, run, start, train_cmd, write_config
+from reliability.harness import (
+    MODEL,
+    launch_cmd,
+    lines_with,
+    reap,
+    run,
+    start,
+    train_cmd,
+    wait_for_file,
+    write_config,
+)
 from translution_dist.data.image_folder import build_image_folder_shards
 from translution_dist.data.shards import load_index
 
@@ -109,11 +119,8 @@ def test_a_second_run_in_a_live_run_directory_is_refused_and_a_killed_one_leaves
     """Same run.name and output_dir, another seed: refused while the first lives; after a SIGKILL it goes on."""
     config = write_config(tmp_path, "shared", train={"steps": 4})
     first = start(train_cmd(config), fault="hang@step:3:seconds:600")
-    lock_holder = tmp_path / "runs" / "shared" / "checkpoints" / "step_00000002" / "COMPLETE.json"
-    deadline = time.monotonic() + 240
-    while not lock_holder.exists():  # the first run is past its set-up and holds the directory
-        assert first.poll() is None and time.monotonic() < deadline, "the first run did not reach step 2"
-        time.sleep(0.1)
+    # past its set-up, the first run holds the directory
+    wait_for_file(tmp_path / "runs" / "shared" / "checkpoints" / "step_00000002" / "COMPLETE.json", first)
 
     second = run(train_cmd(config, "run.seed=1"), expect=2)
     assert lines_with(second.stderr, "run.name:", "is in use by another run", '"pid": ' + str(first.pid))

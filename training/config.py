@@ -204,12 +204,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config: {path} must hold a mapping with sections such as model, data, train")
     raw = _resolve_includes(raw, path.parent)
     sections = [o for o in overrides if _replaces_a_section(o)]
+    values = [o for o in overrides if not _replaces_a_section(o)]
     for override in sections:
         apply_override(raw, override)
     raw = _resolve_includes(raw, Path.cwd())
-    for override in overrides:
-        if override not in sections:
-            apply_override(raw, override)
+    for override in values:
+        apply_override(raw, override)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

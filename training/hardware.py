@@ -15,8 +15,9 @@ GPU measurement says otherwise.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -108,19 +109,29 @@ DATASHEET_BF16_PEAKS: tuple[tuple[str, float], ...] = (
 MATMUL_SIZE = 1024
 
 
+def best_seconds(fn: Callable[[], Any], budget_s: float, least: int = 3) -> float:
+    """The fastest of repeated calls of ``fn`` within about ``budget_s`` (at least ``least`` calls)."""
+    fn()  # warm-up: allocations, plans, thread pools
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < least or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.25) -> float:
     """FLOP/s of the fastest of repeated ``MATMUL_SIZE³`` matmuls on ``device``: a host's practical peak."""
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up: thread pools, kernels
-    best, calls, start = float("inf"), 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
+
+    def matmul() -> None:
         torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best, calls = min(best, time.perf_counter() - t0), calls + 1
-    return 2 * MATMUL_SIZE ** 3 / best
+
+    return 2 * MATMUL_SIZE ** 3 / best_seconds(matmul, budget_s)
 
 
 def datasheet_bf16_peak(device_name: str) -> float | None:

@@ -33,6 +33,11 @@ def default_tracking_uri(output_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of an embedded ``sqlite:///`` store; ``None`` for a server."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def create_sqlite_store(uri: str) -> None:
     """Create a new ``sqlite:///`` store whole or not at all.
 
@@ -42,10 +47,8 @@ def create_sqlite_store(uri: str) -> None:
     So the schema is built in a private file and linked into place, which succeeds for exactly
     one creator; the others (and every later run) find it complete.
     """
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///"))
-    if path.exists():
+    path = _sqlite_path(uri)
+    if path is None or path.exists():
         return
     import mlflow
 
@@ -65,9 +68,8 @@ def artifact_location(uri: str) -> str | None:
     """Artifacts of an embedded store beside it (``mlartifacts/`` next to ``mlflow.db``), not in the working
     directory's ``./mlruns``, MLflow's default, which every store started from that directory would share.
     A server decides for itself (``None``)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    path = _sqlite_path(uri)
+    return None if path is None else (path.resolve().parent / "mlartifacts").as_uri()
 
 
 class Tracker:

@@ -183,6 +183,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until ``path`` exists (a run reached a point: its MLflow run, a complete checkpoint) while ``proc`` lives."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.05)
+
+
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
