@@ -40,10 +40,10 @@ CONFIG_FILE = "run.yaml"
 WORKDIR = "/workspace"
 MLFLOW_PORT = 5000
 RUN_AS = 1000  # the image's non-root user (docker/Dockerfile); fsGroup makes the volumes writable for it
-TERMINATION_GRACE_S = 60
-"""A preempted pod's SIGTERM reaches torchrun, which forwards it to the ranks and kills them 30 s later; in that
-time every rank finishes its step and writes its checkpoint (training/preemption.py). The pod's grace covers
-those 30 s and torchrun's own exit."""
+TORCHRUN_EXIT_S = 30
+"""What a pod's grace adds to ``cluster.stop_grace_s``. A preempted pod's SIGTERM reaches torchrun, which forwards
+it to the ranks and kills them ``stop_grace_s`` later (``--shutdown-timeout``); in that time every rank finishes
+its step and writes its checkpoint (training/preemption.py). The rest covers torchrun's own exit."""
 OUTPUT_FILES = ("kustomization.yaml", "configmap.yaml", "storage.yaml", "mlflow.yaml",
                 *(f"{flavor}.yaml" for flavor in FLAVORS))
 
@@ -66,6 +66,7 @@ class _Settings:
     procs: int
     gpus: int
     max_restarts: int
+    stop_grace_s: int
     storage: str
     storage_class: str | None
     mlflow_storage: str
@@ -111,6 +112,7 @@ def _settings(cfg: Config, options: RenderOptions) -> _Settings:
         procs=topology.procs_per_node,
         gpus=gpus,
         max_restarts=cluster.max_restarts,
+        stop_grace_s=cluster.stop_grace_s,
         storage=quantity(cluster.storage, "cluster.storage"),
         storage_class=cluster.storage_class,
         mlflow_storage=quantity(cluster.mlflow_storage, "cluster.mlflow_storage"),
@@ -224,7 +226,7 @@ def _container(s: _Settings, name: str, env: list[dict[str, Any]]) -> dict[str, 
 
 def _pod_spec(s: _Settings, container: dict[str, Any], **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {**extra, "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "fsGroup": RUN_AS},
-                            "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                            "terminationGracePeriodSeconds": s.stop_grace_s + TORCHRUN_EXIT_S,
                             "containers": [container], "volumes": _volumes(s)}
     if s.node_selector:
         spec["nodeSelector"] = dict(sorted(s.node_selector.items()))

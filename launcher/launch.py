@@ -1,7 +1,7 @@
 """Turn a config and a topology into the launcher command that runs ``translution train`` in every process.
 
-``torchrun`` (``python -m torch.distributed.run``) is the launcher for ``parallel.engine`` fsdp
-and none: ``--standalone`` on one node, a c10d rendezvous at the master's host:port on several,
+``torchrun`` (run as ``python -m launcher.torchrun``, which exits 128 + the signal when a preempted
+run stopped, see there) is the launcher for ``parallel.engine`` fsdp and none: ``--standalone`` on one node, a c10d rendezvous at the master's host:port on several,
 elastic restarts (``--max-restarts``) and per-rank logs (``--log-dir`` with ``--redirects 3
 --tee 3``). ``engine: deepspeed`` uses DeepSpeed's own launcher with a hostfile: the user's, from
 which it starts every node over ssh, or one written for the scheduler's nodes (or for this one
@@ -30,6 +30,9 @@ from training.config import Config
 
 WORKER = ("--module", "launcher.cli", "train")  # each process runs `python -m launcher.cli train CONFIG …`
 TOPOLOGY_ENV = "TRANSLUTION_TOPOLOGY"  # the trainer tags its MLflow run with it
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""torchrun's default list plus SIGUSR1, SLURM's early warning (``#SBATCH --signal=USR1@120``), which torchrun
+then forwards to the ranks instead of dying of it."""
 FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 """Set to 1 for torchrun: rank 0 then hosts a fresh TCPStore for every restart attempt. With the store
 torchrun's rendezvous shares by default, a restarted gloo group can read a dead attempt's peer address
@@ -143,14 +146,15 @@ def resolve_topology(cfg: Config, detected: Topology, options: LaunchOptions) ->
 
 
 def _torchrun(cfg: Config, topology: Topology, worker: list[str], max_restarts: int, log_dir: Path | None) -> list[str]:
-    argv = [sys.executable, "-m", "torch.distributed.run"]
+    argv = [sys.executable, "-m", "launcher.torchrun"]  # torchrun, exiting 128 + signal when preempted
     if topology.nodes == 1:
         argv += ["--standalone", "--nnodes", "1"]
     else:
         nnodes = f"{topology.min_nodes}:{topology.nodes}" if topology.min_nodes else str(topology.nodes)
         argv += ["--nnodes", nnodes, "--rdzv-backend", "c10d", "--rdzv-endpoint", topology.endpoint,
                  "--rdzv-id", topology.job_id or cfg.run.name]
-    argv += ["--nproc-per-node", str(topology.procs_per_node), "--max-restarts", str(max_restarts)]
+    argv += ["--nproc-per-node", str(topology.procs_per_node), "--max-restarts", str(max_restarts),
+             "--shutdown-timeout", str(cfg.cluster.stop_grace_s), "--signals-to-handle", SIGNALS_TO_HANDLE]
     if log_dir is not None:
         argv += ["--log-dir", str(log_dir), "--redirects", "3", "--tee", "3"]
     return argv + [*WORKER, *worker]

@@ -123,7 +123,7 @@ def test_pytorchjob_contents():
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://vit-a100-mlflow:5000"} in container["env"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert pod["terminationGracePeriodSeconds"] == 60  # torchrun's 30 s for the ranks' checkpoint on SIGTERM, and more
+    assert pod["terminationGracePeriodSeconds"] == 90  # cluster.stop_grace_s (torchrun --shutdown-timeout) + 30
     assert objects["vit-a100-data"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every node mounts it
     assert objects["vit-a100-data"]["spec"]["resources"]["requests"]["storage"] == "2Ti"
     mlflow = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]

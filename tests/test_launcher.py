@@ -68,7 +68,9 @@ def test_local_standalone(capsys, config):
     argv = dry_run(capsys, str(config), "train.steps=3", "--nproc-per-node", "2", "--log-dir", "/tmp/logs")
     # a fresh rendezvous store per restart attempt (docs/reliability.md), then the command
     assert argv[:2] == ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "TRANSLUTION_TOPOLOGY=local"]
-    assert argv[2:5] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[2:5] == [sys.executable, "-m", "launcher.torchrun"]  # torchrun, exiting 128 + signal on preemption
+    assert option(argv, "--shutdown-timeout") == "60"  # cluster.stop_grace_s
+    assert option(argv, "--signals-to-handle") == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # SLURM's early warning
     assert "--standalone" in argv and option(argv, "--nproc-per-node") == "2"
     assert (option(argv, "--log-dir"), option(argv, "--redirects"), option(argv, "--tee")) == ("/tmp/logs", "3", "3")
     assert argv[-5:] == ["--module", "launcher.cli", "train", str(config), "train.steps=3"]
@@ -190,7 +192,7 @@ def test_real_launch_two_processes(config, tmp_path):
     proc = subprocess.run([*ENTRY, "launch", str(config), "--nproc-per-node", "2", "--log-dir", str(logs)],
                           cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "torch.distributed.run --standalone" in proc.stderr
+    assert "launcher.torchrun --standalone" in proc.stderr
     _completed(tmp_path / "runs" / "tiny", world=2)
     assert sorted(p.parent.name for p in logs.glob("*/attempt_0/*/stderr.log")) == ["0", "1"]
     meta = json.loads(next((tmp_path / "runs" / "tiny" / "checkpoints").glob("step_*/meta.json")).read_text())
@@ -229,4 +231,4 @@ def test_bad_config_exits_2_without_starting(tmp_path):
     proc = subprocess.run([*ENTRY, "launch", str(bad), "--nproc-per-node", "2"], cwd=ROOT, env=_launch_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "train.steps" in proc.stderr and "torch.distributed.run" not in proc.stderr
+    assert "train.steps" in proc.stderr and "launcher.torchrun" not in proc.stderr

@@ -78,30 +78,61 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_relaunch_resume
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("target", [pytest.param("rank 0 only", marks=pytest.mark.slow), "torchrun"])
-def test_sigterm_stops_both_ranks_at_the_same_step(tmp_path, target):
-    """torchrun, 2 ranks: rank 1 is held in step 5 and rank 0 waits for it. SIGTERM goes to rank 0 alone, or to
-    torchrun (what Kubernetes signals: the container's first process), which forwards it to both ranks."""
+@pytest.mark.parametrize("target", [pytest.param("rank 0 only", marks=pytest.mark.slow), "torchrun",
+                                    pytest.param("torchrun SIGTERM", marks=pytest.mark.slow)])
+def test_a_stop_signal_stops_both_ranks_at_the_same_step(tmp_path, target):
+    """torchrun, 2 ranks: rank 1 is held in step 5 and rank 0 waits for it. The signal goes to rank 0 alone, or to
+    torchrun: SIGUSR1 (SLURM's early warning, ``#SBATCH --signal=USR1@120``) or SIGTERM (what Kubernetes sends the
+    container's first process); torchrun forwards it to both ranks and `launch` exits 128 + the signal, a status
+    that Kubernetes' ``ExitCode`` restart policy retries, with one line instead of torchrun's traceback."""
+    signum = signal.SIGUSR1 if target == "torchrun" else signal.SIGTERM
     config = write_config(tmp_path, "one-rank", train=TRAIN, parallel=FSDP)
     log = tmp_path / "first.log"
     with log.open("w") as out:
         proc = start(launch_cmd(config, nproc=2), fault=HELD + ":rank:1", stdout=out, stderr=out)
         _wait_for_line(log, "TRANSLUTION_FAULT: hang at step 5 on rank 1", proc)
-        if target == "torchrun":
-            proc.send_signal(signal.SIGTERM)  # launch execs torchrun: the same process
+        if target.startswith("torchrun"):
+            proc.send_signal(signum)  # launch execs torchrun: the same process
         else:
             [rank0] = [p for p in processes_of(proc.marker) if p.environ().get("RANK") == "0"
                        and "train" in p.cmdline()]
-            rank0.send_signal(signal.SIGTERM)
+            rank0.send_signal(signum)
         proc.wait(timeout=180)
     reap(proc.marker, "left behind")
     text = log.read_text()
-    assert proc.returncode != 0
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert lines_with(text, f"translution launch: {name}: the ranks checkpointed and stopped")
     for rank in (0, 1):
-        assert lines_with(text, f"rank {rank}: SIGTERM: stopping after step 5 with a checkpoint"), text[-3000:]
+        assert lines_with(text, f"rank {rank}: {name}: stopping after step 5 with a checkpoint"), text[-3000:]
     checkpoint = tmp_path / "runs" / "one-rank" / "checkpoints" / "step_00000005"
     assert verify(checkpoint) is None
 
     relaunch = run(launch_cmd(config, nproc=2))  # bitwise resumption is the one-process test's (and the kills')
     assert lines_with(relaunch.stderr, "resumed from", "step_00000005")
     assert verify(tmp_path / "runs" / "one-rank" / FINAL) is None
+
+
+def test_sigterm_during_evaluation_stops_there_with_a_checkpoint(reference, tmp_path):
+    """A signal is honoured between evaluation batches, not only between steps: held in the first batch of the
+    evaluation after step 4, the run stops there (not after step 5), checkpointed, and the relaunch ends bitwise
+    equal to an uninterrupted run."""
+    eval_train = {**TRAIN, "eval_every": 4, "eval_batches": 3}
+    config = write_config(tmp_path, "in-eval", train=eval_train)
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = start(train_cmd(config), fault="hang@eval:4:seconds:6", stdout=out, stderr=out)
+        _wait_for_line(log, "TRANSLUTION_FAULT: hang at eval 4", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    reap(proc.marker, "left behind")
+    text = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert lines_with(text, "rank 0: SIGTERM: stopping after step 4 with a checkpoint")
+    run_dir = tmp_path / "runs" / "in-eval"
+    assert verify(run_dir / "checkpoints" / "step_00000004") is None
+
+    relaunch = run(train_cmd(config))
+    assert lines_with(relaunch.stderr, "resumed from", "step_00000004")
+    assert_identical(dcp_state(reference / FINAL, tmp_path), dcp_state(run_dir / FINAL, tmp_path))

@@ -115,8 +115,9 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(tmp_path, image_sh
     assert {m.step for m in client.get_metric_history(run_id, "loss")} == set(range(1, 9))
 
 
-def test_a_second_run_in_a_live_run_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
-    """Same run.name and output_dir, another seed: refused while the first lives; after a SIGKILL it goes on."""
+def test_a_second_run_in_a_run_directory_is_refused_live_or_not_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Same run.name and output_dir, another seed: refused while the first lives, and also after it died (it would
+    resume the first run's checkpoint), as is train.resume=never there; the first run's own config goes on."""
     config = write_config(tmp_path, "shared", train={"steps": 4})
     first = start(train_cmd(config), fault="hang@step:3:seconds:600")
     # past its set-up, the first run holds the directory
@@ -129,5 +130,10 @@ def test_a_second_run_in_a_live_run_directory_is_refused_and_a_killed_one_leaves
     first.send_signal(signal.SIGKILL)
     first.communicate()
     reap(first.marker, "killed first run")
-    again = run(train_cmd(config))
+    other = run(train_cmd(config, "run.seed=1"), expect=2)
+    assert lines_with(other.stderr, "run.name:", "holds another run", "run.seed: saved 0, now 1")
+    fresh = run(train_cmd(config, "train.resume=never"), expect=2)
+    assert lines_with(fresh.stderr, "train.resume: never", "holds checkpoints up to step_00000002")
+    again = run(train_cmd(config, "optim.lr=0.002"))
     assert lines_with(again.stderr, "resumed from", "step_00000002")
+    assert lines_with(again.stderr, "resuming step_00000002 with changed settings: optim.lr: saved")

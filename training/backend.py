@@ -25,6 +25,8 @@ from training.tasks import StepOutput
 
 StepFn = Callable[[nn.Module, tuple], StepOutput]
 """One micro-batch's forward: the model and the batch in, the loss and its counts out."""
+EvalFn = Callable[[nn.Module, tuple], dict[str, float]]
+"""One evaluation batch: the model and the batch in, sums of its metrics out."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class TrainingBackend(Protocol):
     model: nn.Module
 
     def train_step(self, micro_batches: list, step_fn: StepFn) -> StepResult: ...
+    def eval_sums(self, batch: tuple, sums_fn: EvalFn) -> dict[str, float]: ...
     def save_state(self, path: Path, asynchronous: bool) -> Future | None: ...
     def load_state(self, path: Path) -> None: ...
     def full_model_state(self) -> dict[str, torch.Tensor] | None: ...

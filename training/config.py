@@ -89,6 +89,8 @@ class ClusterSection(_Section):
     cpu_memory: str | None = Field(None, description="Host memory per node for planning, e.g. 1TiB.")
     nvme: str | None = Field(None, description="NVMe space per node for ZeRO-Infinity offload, e.g. 6TiB.")
     max_restarts: int = Field(0, ge=0, description="Restarts torchrun (and the Kubernetes job) allow after a failure.")
+    stop_grace_s: int = Field(60, ge=1, description="Seconds a preempted rank has to finish its step and checkpoint "
+                              "before torchrun kills it (torchrun --shutdown-timeout; the pods' grace adds 30).")
     image: str | None = Field(None, description="Container image of the Kubernetes job; default translution-dist:latest.")
     storage: str = Field("100Gi", description="Size of the ReadWriteMany volume for checkpoints and data.")
     storage_class: str | None = Field(None, description="StorageClass of that volume; default: the cluster's.")
@@ -223,6 +225,11 @@ def dump_config(cfg: Config) -> str:
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"train.steps": 100, …}``: the resolved config as flat parameters (for MLflow)."""
+    return flatten_dict(cfg.model_dump(mode="json"))
+
+
+def flatten_dict(tree: dict[str, Any]) -> dict[str, Any]:
+    """Nested sections as dotted keys: ``{"train": {"steps": 100}}`` → ``{"train.steps": 100}``."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -232,5 +239,5 @@ def flatten(cfg: Config) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    walk("", cfg.model_dump(mode="json"))
+    walk("", tree)
     return flat

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from parallelism.deepspeed_zero import build_deepspeed_engine
-from training.backend import DistContext, StepFn, StepResult, all_reduce_mean
+from training.backend import DistContext, EvalFn, StepFn, StepResult, all_reduce_mean
 from training.checkpoint import deepspeed_state
 from training.config import Config
 from training.optim import build_adamw, build_schedule
@@ -49,6 +49,10 @@ class DeepSpeedBackend:
 
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]
+
+    def eval_sums(self, batch: tuple, sums_fn: EvalFn) -> dict[str, float]:
+        self.engine.eval()
+        return sums_fn(self.engine, batch)
 
     def train_step(self, micro_batches: list, step_fn: StepFn) -> StepResult:
         """Backward every micro-batch; the optimizer step only if the loss is finite on every rank.

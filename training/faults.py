@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from training.backend import StepFn, StepResult, TrainingBackend
+from training.backend import EvalFn, StepFn, StepResult, TrainingBackend
 from training.config import ConfigError
 from training.tasks import StepOutput
 
 log = logging.getLogger("translution.train")
 
 FAULT_ENV = "TRANSLUTION_FAULT"
-FAULT_ACTIONS = {"kill": ("step", "checkpoint"), "hang": ("step", "checkpoint"), "nan": ("step",)}
+FAULT_ACTIONS = {"kill": ("step", "checkpoint", "eval"), "hang": ("step", "checkpoint", "eval"), "nan": ("step",)}
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def parse_faults(spec: str) -> list[Fault]:
                 float(options.get("seconds", Fault.seconds))))
         except ValueError as err:
             raise ConfigError(f"{FAULT_ENV}: cannot parse {item!r}; expected ACTION@POINT:N[:rank:R][:restart:K]"
-                              f"[:seconds:S] with ACTION@POINT one of kill@step, kill@checkpoint, hang@step, "
-                              f"hang@checkpoint, nan@step") from err
+                              f"[:seconds:S] with ACTION@POINT one of kill@step, kill@checkpoint, kill@eval, "
+                              f"hang@step, hang@checkpoint, hang@eval, nan@step") from err
     return faults
 
 
@@ -82,7 +82,8 @@ class FaultInjectingBackend:
     """A backend whose optimizer steps and checkpoint writes meet the faults due at them.
 
     ``step@N`` acts before optimizer step ``N``; ``checkpoint@N`` after the shards of the
-    checkpoint of step ``N`` are written and before that checkpoint is marked complete.
+    checkpoint of step ``N`` are written and before that checkpoint is marked complete;
+    ``eval@N`` at the first batch of the evaluation after step ``N``.
     ``completed_steps`` reads the loop's step counter, which a resume sets.
     """
 
@@ -92,6 +93,7 @@ class FaultInjectingBackend:
         self._faults = faults
         self._rank = rank
         self._completed_steps = completed_steps
+        self._evaluated_at: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -117,6 +119,13 @@ class FaultInjectingBackend:
         if self._inject("step", self._completed_steps() + 1):
             step_fn = _poisoned(step_fn)
         return self._backend.train_step(micro_batches, step_fn)
+
+    def eval_sums(self, batch: tuple, sums_fn: EvalFn) -> dict[str, float]:
+        step = self._completed_steps()
+        if self._evaluated_at != step:
+            self._evaluated_at = step
+            self._inject("eval", step)
+        return self._backend.eval_sums(batch, sums_fn)
 
     def save_state(self, path: Path, asynchronous: bool):
         pending = self._backend.save_state(path, asynchronous)

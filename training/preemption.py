@@ -1,12 +1,15 @@
-"""Stop cleanly on SIGTERM (preemption by Kubernetes, SLURM or torchrun) and SIGINT (Ctrl-C).
+"""Stop cleanly on SIGTERM (Kubernetes, torchrun), SIGUSR1 (SLURM's early warning) and SIGINT (Ctrl-C).
 
 The handler only records the signal. The loop asks :meth:`StopRequest.agreed` at every step
-boundary, which combines the record over all ranks (a one-element all-reduce), so all ranks
-stop after the same step even when the signal reached only one of them. The loop then writes
-a checkpoint synchronously, marks the MLflow run KILLED and raises :class:`Stopped`; the
-process exits with 128 + the signal number, as a shell reports a process ended by it, and a
-relaunch resumes from that step. A second signal while stopping takes the default action
-(a second Ctrl-C quits at once).
+boundary and between evaluation batches, which combines the record over all ranks (a
+one-element all-reduce), so all ranks stop at the same point even when the signal reached only
+one of them. The loop then writes a checkpoint synchronously, marks the MLflow run KILLED and
+raises :class:`Stopped`; the process exits with 128 + the signal number, as a shell reports a
+process ended by it (a status Kubernetes' ``ExitCode`` restart policy and ``translution launch``
+treat as retryable), and a relaunch resumes from that step.
+
+A scheduler's signal may arrive twice (SLURM signals every process of the step, torchrun then
+forwards it), so only a second Ctrl-C takes the default action and quits at once.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch.distributed as dist
 
 from training.backend import DistContext
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""SIGUSR1: what ``#SBATCH --signal=USR1@SECONDS`` sends before a SLURM job's time limit."""
 
 
 class Stopped(Exception):
@@ -36,7 +40,7 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """Records SIGTERM/SIGINT while installed; :meth:`agreed` is the signal any rank received (0: none)."""
+    """Records the stop signals while installed; :meth:`agreed` is the signal any rank received (0: none)."""
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
@@ -55,10 +59,10 @@ class StopRequest:
         self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum:  # asked twice: stop waiting for the checkpoint
+        if self.signum and signum == signal.SIGINT:  # Ctrl-C twice: stop waiting for the checkpoint
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def agreed(self) -> int:
         """The signal any rank has received (collective: every rank calls it at the same step)."""

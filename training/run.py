@@ -29,6 +29,7 @@ from parallelism.materialize import materialize
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
+from training.run_identity import OtherRunError, check_run_identity
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
 from training.torch_backend import TorchBackend
@@ -125,8 +126,9 @@ def build_loaders(cfg: Config, ctx: DistContext) -> dict:
 def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
     """Create and lock the run directory and record the resolved config (rank 0), before any state is written.
 
-    A directory that cannot be written, or that another live run holds, is a config error on
-    every rank (exit code 2), found before training. Rank 0 gets the lock to release at the end.
+    A directory that cannot be written, that another live run holds, or whose checkpoints are of
+    another run (:mod:`training.run_identity`) is a config error on every rank (exit code 2),
+    found before training. Rank 0 gets the lock to release at the end.
     """
     error, lock = None, None
     if ctx.is_main:
@@ -134,11 +136,15 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             lock = RunDirectoryLock(cfg.run_dir)
             lock.acquire()
+            for warning in check_run_identity(cfg, cfg.run_dir):
+                log.warning(warning)
             (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
         except RunDirectoryLocked as err:
             lock = None
             error = (f"run.name: {err}; two runs in one directory would overwrite each other's checkpoints: wait "
                      "for that run to end, or choose another run.name or run.output_dir")
+        except OtherRunError as err:
+            error = str(err)
         except OSError as err:
             error = (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
                      "choose a writable run.output_dir")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from training.backend import DistContext, StepFn, StepResult, all_reduce_mean, autocast_context
+from training.backend import DistContext, EvalFn, StepFn, StepResult, all_reduce_mean, autocast_context
 from training.checkpoint import torch_state
 from training.config import Config
 from training.grad_norm import clip_grad_norm
@@ -63,6 +63,10 @@ class TorchBackend:
     def _sync_gradients(self, enabled: bool) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: skip reductions while accumulating
             self.model.set_requires_gradient_sync(enabled)
+
+    def eval_sums(self, batch: tuple, sums_fn: EvalFn) -> dict[str, float]:
+        self.model.eval()
+        return sums_fn(self.model, batch)
 
     def train_step(self, micro_batches: list, step_fn: StepFn) -> StepResult:
         self.model.train()

@@ -90,6 +90,8 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.tracker: Tracker | None = None
         self.step = 0
+        self.checkpointed_step = 0  # the step whose checkpoint is on disk (0: none needed, nothing trained yet)
+        self.stop_request = StopRequest(ctx)
         self.phase = "start-up"  # what the loop is doing, for the collective-timeout message
         # MFU as torchtitan logs it: the model's FLOPs (no recomputation) over every rank's peak.
         self.model_flops_per_sample = model_flops_per_sample(cfg.model)
@@ -125,7 +127,7 @@ class Trainer:
         if path is None:
             return None
         restored = self.checkpoints.load(path, self.backend.load_state)
-        self.step = restored.step
+        self.step = self.checkpointed_step = restored.step
         self.backend.load_scheduler_state(restored.meta["scheduler"])
         if restored.rank_state is not None:
             set_rng_state(restored.rank_state["rng"])
@@ -155,6 +157,7 @@ class Trainer:
 
         try:
             self.checkpoints.save(self.step, save_state, rank_state, meta)
+            self.checkpointed_step = self.step  # an asynchronous save is completed (or fails) before any load
         except CheckpointError as err:
             if final or self.cfg.train.on_checkpoint_error == "stop":
                 log.error("%s; stopping (train.on_checkpoint_error=%s%s)", err, self.cfg.train.on_checkpoint_error,
@@ -163,16 +166,17 @@ class Trainer:
             log.error("%s; training goes on as train.on_checkpoint_error=continue", err)
 
     def evaluate(self) -> dict[str, float]:
+        """Metrics over ``train.eval_batches`` test batches; a stop signal is honoured after each batch."""
         if self.eval_loader is None or self.cfg.train.eval_batches == 0:
             return {}
-        self.backend.model.eval()
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(self.eval_loader):
             if i == self.cfg.train.eval_batches:
                 break
             batch = tuple(t.to(self.ctx.device) for t in batch)
-            for key, value in self.task.eval_sums(self.backend.model, batch).items():
+            for key, value in self.backend.eval_sums(batch, self.task.eval_sums).items():
                 sums[key] += value
+            self._stop_if_asked()
         keys = sorted(sums)
         totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.ctx.device)
         if self.ctx.world_size > 1:
@@ -204,6 +208,10 @@ class Trainer:
         log.warning("%s; step skipped as train.nonfinite_loss=skip", message)
 
     def run(self) -> TrainResult:
+        with self.stop_request:  # from start-up on: a signal while resuming counts too
+            return self._run()
+
+    def _run(self) -> TrainResult:
         resume_run_id = self._resume()
         self._start_tracking(resume_run_id)
         cfg = self.cfg.train
@@ -215,35 +223,35 @@ class Trainer:
         postfix: dict[str, str] = {}
         status = "FAILED"
         try:
-            with StopRequest(self.ctx) as stop_request:
-                while self.step < cfg.steps:
-                    start = time.perf_counter()
-                    self.phase = f"training step {self.step + 1}"
-                    last = self.backend.train_step(self._micro_batches(batches), self.task.step)
-                    if last.skipped:
-                        self._handle_nonfinite(last)
-                    elapsed = time.perf_counter() - start
-                    self.step += 1
-                    self.checkpoints.poll()
-                    bar.update(1)
-                    postfix["loss"] = f"{last.loss:.4f}"
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        metrics = self._step_metrics(last, elapsed)
-                        self._log(metrics)
-                        postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
-                    bar.set_postfix(postfix)
-                    if signum := stop_request.agreed():
-                        self._stop(signum)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
-                        self.phase = f"evaluation after step {self.step}"
-                        self._log(self.evaluate())
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
-                        self.save_checkpoint(final=False)
+            self._stop_if_asked()
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                self.phase = f"training step {self.step + 1}"
+                last = self.backend.train_step(self._micro_batches(batches), self.task.step)
+                if last.skipped:
+                    self._handle_nonfinite(last)
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                self.checkpoints.poll()
+                bar.update(1)
+                postfix["loss"] = f"{last.loss:.4f}"
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics = self._step_metrics(last, elapsed)
+                    self._log(metrics)
+                    postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
+                bar.set_postfix(postfix)
+                self._stop_if_asked()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                    self.phase = f"evaluation after step {self.step}"
+                    self._log(self.evaluate())
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
+                    self.save_checkpoint(final=False)
             self.phase = "final evaluation"
             eval_metrics = self.evaluate()
             self._log(eval_metrics)
             self.save_checkpoint(final=True)
             self.checkpoints.wait()
+            self._stop_if_asked()
             self.phase = "model export"
             self._finish_artifacts()
             status = "FINISHED"
@@ -257,12 +265,21 @@ class Trainer:
         return TrainResult(self.step, last.loss, eval_metrics, self.run_dir,
                            self.tracker.run_id if self.tracker else None, dict(self.history))
 
-    def _stop(self, signum: int) -> None:
-        """Checkpoint this step synchronously and raise :class:`Stopped` (every rank, the same step)."""
+    def _stop_if_asked(self) -> None:
+        """Stop here if any rank got a stop signal (collective: every rank calls it at the same point).
+
+        The state of this step is checkpointed synchronously unless a complete checkpoint of it
+        exists already (a stop after a periodic or the final checkpoint, or before the first step).
+        """
+        signum = self.stop_request.agreed()
+        if not signum:
+            return
         log.warning("rank %d: %s: stopping after step %d with a checkpoint; run the same command again to resume",
                     self.ctx.rank, signal.Signals(signum).name, self.step)
-        self.save_checkpoint(final=True)
         self.checkpoints.wait()
+        if self.step != self.checkpointed_step:
+            self.save_checkpoint(final=True)
+            self.checkpoints.wait()
         raise Stopped(signum, self.step)
 
     def _step_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
