@@ -56,6 +56,18 @@ from translution_dist.models.attention import (
 from translution_dist.ops import RelativeLayout
 
 
+def _copy_to_tp_region(x: Tensor, group) -> Tensor:
+    """Identity forward, gradient summed over ``group`` backward (Megatron's ``copy_to_tensor_model_parallel_region``).
+
+    Megatron all-reduces ``grad.contiguous()`` in place, so a non-contiguous gradient (the
+    transposes around the kernels make some) would be summed in a copy and lost: make it contiguous first.
+    """
+    y = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
+    if y.requires_grad:
+        y.register_hook(Tensor.contiguous)
+    return y
+
+
 @dataclass
 class TranslutionSubmodules:
     """Megatron layers of :class:`TranslutionSelfAttention`."""
@@ -165,7 +177,7 @@ class TranslutionSelfAttention(_HeadParallelAttention):
 
     def heads(self, hidden: Tensor) -> Tensor:
         # Every consumer of the replicated input computes only this rank's heads: complete its gradient once.
-        return self.translution(tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group))
+        return self.translution(_copy_to_tp_region(hidden, self.tp_group))
 
 
 class _AlphaRelativeTerm(RelativeAttentionBase):
@@ -206,12 +218,12 @@ class AlphaTranslutionSelfAttention(_HeadParallelAttention):
 
     def _low(self, side: str, x: Tensor) -> Tensor:
         # The banks give this rank's heads only: complete the gradient of the replicated low-rank input.
-        return tensor_parallel.copy_to_tensor_model_parallel_region(self.down[side](x), group=self.tp_group)
+        return _copy_to_tp_region(self.down[side](x), self.tp_group)
 
     def heads(self, hidden: Tensor) -> Tensor:
         b, n, _ = hidden.shape
         qkv, _ = self.linear_qkv(hidden)
-        q1, k1, v1 = qkv.view(b, n, self.local_heads, 3, self.dim_head).permute(3, 0, 2, 1, 4)
+        q1, k1, v1 = qkv.reshape(b, n, self.local_heads, 3, self.dim_head).permute(3, 0, 2, 1, 4)
         half_scale = self.scale / 2
         scores = q1 @ k1.transpose(-1, -2) * half_scale
         scores = scores + self.relative.scores(self._low("q", hidden), self._low("k", hidden), half_scale)

@@ -1,0 +1,47 @@
+"""The Megatron-core spec (``parallelism.megatron_spec``) at tensor parallelism 2 on two gloo processes.
+
+A Megatron ``TransformerBlock`` built from the Translution layer spec, holding the project's
+``Encoder``'s weights split by heads, gives the same output and gradients in float64; a
+``GPTModel(transformer_layer_spec=…)`` trains. All cases run in one spawn of two processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from helpers.megatron_cpu import megatron_checks  # noqa: E402
+from helpers.processes import run_in_processes  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+
+TINY = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, context_length=8, vocab_size=12, alpha_rank=2)
+COMPARE = {
+    "translution": {**TINY, "attention": "translution", "bank_chunks": 2},
+    # a plain (column-parallel) q projection beside the k and v banks
+    "translution-relative-kv": {**TINY, "attention": "translution", "relative": "kv"},
+    "alpha": {**TINY, "attention": "alpha", "bank_chunks": 2},
+}
+TRAIN = {"train-translution": {**TINY, "attention": "translution"}, "train-alpha": {**TINY, "attention": "alpha"}}
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    return run_in_processes(megatron_checks, 2, COMPARE, TRAIN, STEPS)
+
+
+@pytest.mark.parametrize("case", COMPARE)
+def test_block_matches_project_encoder(results, case):
+    for rank_results in results:
+        errors = rank_results[case]
+        assert isinstance(errors, dict), errors
+        assert max(errors.values()) < 1e-10, errors
+
+
+@pytest.mark.parametrize("case", TRAIN)
+def test_gpt_model_trains(results, case):
+    losses = [rank_results[case] for rank_results in results]
+    assert losses[0] == losses[1], "the tensor-parallel ranks disagree on the loss"
+    assert losses[0][-1] < 0.9 * losses[0][0], losses[0]
