@@ -3,18 +3,17 @@
 A Megatron ``TransformerBlock`` built from the Translution layer spec, holding the project's
 ``Encoder``'s weights split by heads, gives the same output and gradients in float64; a
 ``GPTModel(transformer_layer_spec=…)`` trains. All cases run in one spawn of two processes.
+Without megatron-core the project still imports, and the spec's module says how to install it.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-pytest.importorskip("megatron.core")
-
-from helpers.megatron_cpu import megatron_checks  # noqa: E402
-from helpers.processes import run_in_processes  # noqa: E402
-
-pytestmark = pytest.mark.multiprocess
+from helpers.processes import run_in_processes
 
 TINY = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, context_length=8, vocab_size=12, alpha_rank=2)
 COMPARE = {
@@ -29,9 +28,23 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
+    pytest.importorskip("megatron.core")
+    from helpers.megatron_cpu import megatron_checks
+
     return run_in_processes(megatron_checks, 2, COMPARE, TRAIN, STEPS)
 
 
+def test_without_megatron_core_the_project_imports_and_the_spec_names_the_extra():
+    blocked = ("import sys; sys.modules['megatron'] = None\n"
+               "import launcher.cli, parallelism, training\n"
+               "try:\n    import parallelism.megatron_spec\n"
+               "except ImportError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'translution-dist[megatron]'" in result.stdout
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", COMPARE)
 def test_block_matches_project_encoder(results, case):
     for rank_results in results:
@@ -40,6 +53,7 @@ def test_block_matches_project_encoder(results, case):
         assert max(errors.values()) < 1e-10, errors
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", TRAIN)
 def test_gpt_model_trains(results, case):
     losses = [rank_results[case] for rank_results in results]
