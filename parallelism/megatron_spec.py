@@ -42,6 +42,7 @@ try:
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "parallelism.megatron_spec needs megatron-core; install it with: pip install 'translution-dist[megatron]'"
@@ -131,6 +132,24 @@ class _HeadParallelAttention(MegatronModule):
     def heads(self, hidden: Tensor) -> Tensor:
         """``[b, s, C]`` → this rank's heads' attention outputs ``[b, s, heads/tp·d]``."""
         raise NotImplementedError
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Megatron's, except that the project's modules' head-sharded tensors are declared split on their axis.
+
+        Megatron takes the tensors of a module without ``sharded_state_dict`` for replicas; the banks and
+        plain maps here are shards, marked by their ``tensor_model_parallel`` attributes.
+        """
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        for name, child in self.named_children():
+            if hasattr(child, "sharded_state_dict"):
+                continue
+            tensors = child.state_dict(prefix="", keep_vars=True)
+            axes = {key: t.partition_dim for key, t in tensors.items() if getattr(t, "tensor_model_parallel", False)}
+            state.update(make_sharded_tensors_for_checkpoint(
+                tensors, f"{prefix}{name}.", axes, sharded_offsets, tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"]))
+        return state
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,

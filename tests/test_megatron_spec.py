@@ -59,3 +59,19 @@ def test_gpt_model_trains(results, case):
     losses = [rank_results[case] for rank_results in results]
     assert losses[0] == losses[1], "the tensor-parallel ranks disagree on the loss"
     assert losses[0][-1] < 0.9 * losses[0][0], losses[0]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", COMPARE)
+def test_checkpoint_declares_head_shards(results, case):
+    """dist_checkpointing sees each rank's bank as its heads' columns of the whole bank, not as a replica."""
+    shards = [rank_results["shards"][case] for rank_results in results]
+    banks = [key for key in shards[0] if "banks" in key]
+    assert banks
+    for key in banks:
+        (shape0, offset0), (shape1, offset1) = shards[0][key], shards[1][key]
+        assert shape0 == shape1, key
+        # the last axis is the bank's output axis (Megatron prepends the layer axis to the block's tensors)
+        assert offset0[-1] == 0 and offset1[-1] == shape0[-1] // 2, (key, offset0, offset1)
+    shape, offset = shards[1]["linear_proj.weight"]
+    assert shape[-2:] == (TINY["dim"], TINY["heads"] * TINY["dim_head"]) and offset[-1] == shape[-1] // 2

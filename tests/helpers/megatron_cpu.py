@@ -123,12 +123,22 @@ def train_gpt_model(model_fields: dict, steps: int) -> list[float]:
     return losses
 
 
+def checkpoint_shards(model_fields: dict) -> dict[str, tuple]:
+    """``(global_shape, global_offset)`` of each tensor of the first layer's attention in Megatron's
+    ``sharded_state_dict``, the description ``dist_checkpointing`` saves and reshards by."""
+    cfg = ModelConfig(arch="gpt", **model_fields)
+    state = _block(cfg, perform_initialization=False).sharded_state_dict()
+    prefix = "layers.0.self_attention."
+    return {key[len(prefix):]: (tuple(t.global_shape), tuple(t.global_offset))
+            for key, t in state.items() if key.startswith(prefix) and hasattr(t, "global_shape")}
+
+
 def megatron_checks(rank: int, world_size: int, compare: dict[str, dict], train: dict[str, dict],
                     steps: int) -> dict[str, object]:
-    """One spawn's worth of checks at ``tp = world_size``: each comparison's errors (or its failure message)
-    and each training run's losses."""
+    """One spawn's worth of checks at ``tp = world_size``: each comparison's errors (or its failure message),
+    each training run's losses, and each compared model's checkpoint shards (under ``"shards"``)."""
     init_megatron_on_cpu(world_size)
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"shards": {name: checkpoint_shards(fields) for name, fields in compare.items()}}
     for name, fields in compare.items():
         try:
             results[name] = compare_with_encoder(fields)
