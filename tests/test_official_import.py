@@ -325,8 +325,29 @@ def test_unknown_missing_and_misshaped_keys_are_listed():
 def test_configs_without_an_official_counterpart_are_refused():
     with pytest.raises(OfficialWeightsError, match="position=rope"):
         from_official({}, vit_config("self_attention", position="rope"), query_projection="to_q")
-    with pytest.raises(OfficialWeightsError, match="query_projection='to_q'"):
+    with pytest.raises(OfficialWeightsError, match="use query_projection='to_q'"):
         from_official({}, gpt_config("translution", relative="kv"), query_projection="to_k")
+
+
+@pytest.mark.parametrize("cfg", [vit_config("translution"), vit_config("alpha"), gpt_config("translution")],
+                         ids=["vit-translution", "vit-alpha", "gpt-translution"])
+def test_query_projection_is_required_where_both_conventions_load(cfg):
+    """The current ViT translution.py (ef01c2b on) needs to_q, the one up to 0845c3e to_k, and both load."""
+    official = official_state_dict(cfg)
+    with pytest.raises(OfficialWeightsError, match="0845c3e.*ef01c2b"):
+        from_official(official, cfg)
+    with pytest.raises(OfficialWeightsError, match="query_projection is required"):
+        to_official(build_model(cfg).state_dict(), cfg)
+
+
+def test_query_projection_is_inferred_where_only_to_q_files_have_the_model():
+    cfg = gpt_config("translution", relative="kv")
+    official = official_state_dict(cfg)
+    tokens = torch.randint(0, VOCAB, (2, CONTEXT))
+    model = build_model(cfg).double()
+    load_official(model, official)
+    torch.testing.assert_close(model(tokens), official_gpt(official, tokens, cfg, "to_q"), rtol=1e-10, atol=1e-12)
+    assert to_official(model.state_dict(), cfg).keys() == official.keys()
 
 
 def test_read_official_checkpoint_unwraps_training_checkpoints(tmp_path):

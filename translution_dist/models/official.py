@@ -4,18 +4,23 @@ A list of rules, each pairing official state-dict keys with ours and converting 
 ways, is the single source of truth: import, export and the key and shape checks all
 read it. ``docs/official_weights.md`` has the table.
 
-Which official bank multiplies the query token depends on the official file, and the
-state dicts cannot tell them apart, so it is a required argument (``query_projection``):
+Which official bank multiplies the query token depends on the official file *and its
+version*, and the state dicts of a full (q, k, v) Translution cannot tell them apart
+(``query_projection``):
 
-* ``"to_k"`` — ``ViT/models/translution.py``, ``ViT/models/alpha_translution.py`` and the
-  ``CausalSharedParameter1/2`` version of ``GPT/models/translution.py``: ``to_q`` multiplies
-  the *key* token, ``to_k`` the *query* token. Their scores are a symmetric dot product, so
-  official ``to_k`` becomes our query bank and ``to_q`` our key bank.
-* ``"to_q"`` — ``lor_translution.py`` (ViT and GPT) and the ``QKVTranslution`` version of
-  ``GPT/models/translution.py`` (which also has the q/k/v subsets): names match ours.
+* ``"to_k"`` — ``ViT/models/translution.py`` up to commit 0845c3e (2025-10-15, functions
+  ``lution_vit_*``), ``ViT/models/alpha_translution.py`` and the ``CausalSharedParameter1/2``
+  version of ``GPT/models/translution.py`` (``lution_*``): ``to_q`` multiplies the *key*
+  token, ``to_k`` the *query* token. Their scores are a symmetric dot product, so official
+  ``to_k`` becomes our query bank and ``to_q`` our key bank.
+* ``"to_q"`` — ``ViT/models/translution.py`` from commit ef01c2b (2025-11-29) on (functions
+  ``qkv_*``, ``kv_*``, …), the ``QKVTranslution`` version of ``GPT/models/translution.py``,
+  ``lor_translution.py`` (ViT and GPT) and every RoPE or hybrid file: names match ours.
 
-In both, the bank on the query token is indexed by the query-side displacement; our query
-bank is stored in key-side order, so its rows pass through ``layout.mirror``.
+A model only the ``to_q`` files have (a subset of q, k, v, …) needs no choice; for the
+others the importer refuses to guess. In both conventions the bank on the query token is
+indexed by the query-side displacement; our query bank is stored in key-side order, so
+its rows pass through ``layout.mirror``.
 """
 
 from __future__ import annotations
@@ -130,19 +135,54 @@ def _attention_rules(cfg: ModelConfig, theirs: str, ours: str, query_projection:
         rules.append(_same(f"{theirs}to_v3.weight", f"{ours}v_up.weight"))
         return rules + _bank_rules(cfg, theirs, ours, "qkv", "2", query_projection)
     plain = "".join(side for side in "qkv" if side not in cfg.relative)
-    if plain and query_projection == "to_k":
-        raise OfficialWeightsError(
-            f"relative={cfg.relative!r}: the official files with query_projection='to_k' have Translution on "
-            "all of q, k, v only; subsets come from the QKVTranslution file, use query_projection='to_q'")
     if plain:
         rules.append(_fused(f"{theirs}to_{plain}.weight", tuple(f"{ours}{side}_proj.weight" for side in plain)))
     return rules + _bank_rules(cfg, theirs, ours, cfg.relative, "", query_projection)
 
 
-def official_rules(cfg: ModelConfig, query_projection: QueryProjection) -> list[_Rule]:
-    """Every official ↔ ours key pairing of the model ``cfg`` describes."""
-    if query_projection not in ("to_k", "to_q"):
+AMBIGUOUS_QUERY_PROJECTION = (
+    "query_projection='to_k' for ViT/models/translution.py up to commit 0845c3e (functions lution_vit_*), "
+    "ViT/models/alpha_translution.py and the CausalSharedParameter1/2 GPT/models/translution.py (lution_*); "
+    "query_projection='to_q' for ViT/models/translution.py from commit ef01c2b on (qkv_*, kv_*, ...), the "
+    "QKVTranslution GPT/models/translution.py (qkv_*) and lor_translution.py (lor_*)")
+
+
+def _only_in_to_q_files(cfg: ModelConfig) -> list[str]:
+    """The settings of ``cfg`` that only the official files with ``query_projection='to_q'`` have."""
+    found = []
+    if cfg.attention == "translution" and cfg.relative != "qkv":
+        found.append(f"relative={cfg.relative!r}")
+    return found
+
+
+def resolve_query_projection(cfg: ModelConfig, query_projection: QueryProjection | None) -> QueryProjection:
+    """``query_projection`` checked against ``cfg``, or inferred where only one official convention has ``cfg``.
+
+    A full (q, k, v) Translution or α-Translution exists in both conventions and loads without
+    error either way, into different functions: there the caller must say which file the weights
+    come from.
+    """
+    if query_projection not in (None, "to_k", "to_q"):
         raise ValueError(f"query_projection must be 'to_k' or 'to_q', got {query_projection!r}")
+    if cfg.attention == "self_attention":
+        return query_projection or "to_q"  # no banks: nothing depends on it
+    only_to_q = _only_in_to_q_files(cfg)
+    if query_projection == "to_k" and only_to_q:
+        raise OfficialWeightsError(
+            f"{', '.join(only_to_q)}: only official files with query_projection='to_q' have this model "
+            "(the to_k files have Translution on all of q, k, v in every block); use query_projection='to_q'")
+    if query_projection is None:
+        if only_to_q:
+            return "to_q"
+        raise OfficialWeightsError(
+            "query_projection is required for this model: both official conventions have it and load "
+            f"without error into different functions; {AMBIGUOUS_QUERY_PROJECTION}")
+    return query_projection
+
+
+def official_rules(cfg: ModelConfig, query_projection: QueryProjection | None) -> list[_Rule]:
+    """Every official ↔ ours key pairing of the model ``cfg`` describes (see :func:`resolve_query_projection`)."""
+    query_projection = resolve_query_projection(cfg, query_projection)
     position = cfg.resolved_position
     if position in ("rope", "relative_bias"):
         raise OfficialWeightsError(f"position={position}: no official model computes the same function; "
@@ -201,7 +241,7 @@ def _check(given: Mapping[str, Tensor], expected: Mapping[str, torch.Size], opti
 
 
 def from_official(official: Mapping[str, Tensor], cfg: ModelConfig, *,
-                  query_projection: QueryProjection) -> dict[str, Tensor]:
+                  query_projection: QueryProjection | None = None) -> dict[str, Tensor]:
     """Our state dict for ``cfg`` from an official one (keys without a ``module.`` prefix)."""
     rules = official_rules(cfg, query_projection)
     with torch.device("meta"):  # the exported causal masks too: only shapes are needed
@@ -212,14 +252,15 @@ def from_official(official: Mapping[str, Tensor], cfg: ModelConfig, *,
 
 
 def to_official(state: Mapping[str, Tensor], cfg: ModelConfig, *,
-                query_projection: QueryProjection) -> dict[str, Tensor]:
+                query_projection: QueryProjection | None = None) -> dict[str, Tensor]:
     """The official state dict (as the official ``model.state_dict()``) of our weights for ``cfg``."""
     rules = official_rules(cfg, query_projection)
     _check(state, {key: value.shape for key, value in _meta_state(cfg).items()}, set(), "weights")
     return _convert(state, rules, official_to_ours=False)
 
 
-def load_official(model: ViT | GPT, official: Mapping[str, Tensor], *, query_projection: QueryProjection) -> None:
+def load_official(model: ViT | GPT, official: Mapping[str, Tensor], *,
+                  query_projection: QueryProjection | None = None) -> None:
     """Load official weights into a model made by ``build_model(cfg)`` (strict: every weight is set)."""
     model.load_state_dict(from_official(official, model.config, query_projection=query_projection), strict=True)
 
