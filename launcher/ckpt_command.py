@@ -55,9 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--official", choices=("vit", "gpt"),
                         help="use the official Translution code's names for this arch (must be the checkpoint's)")
     export.add_argument("--query-projection", choices=("to_k", "to_q"),
-                        help="with --official: which official bank multiplies the query token (see "
-                             "docs/official_weights.md): to_k for translution.py/alpha_translution.py, to_q for "
-                             "lor_translution.py and QKVTranslution")
+                        help="with --official: which official bank multiplies the query token, i.e. which "
+                             "official file the weights are for (see docs/official_weights.md). to_k: "
+                             "ViT/models/translution.py up to commit 0845c3e (lution_vit_*), "
+                             "ViT/models/alpha_translution.py, the CausalSharedParameter1/2 GPT translution.py; "
+                             "to_q: ViT/models/translution.py from ef01c2b on (qkv_*, kv_*, ...), the "
+                             "QKVTranslution GPT translution.py, lor_translution.py, RoPE and hybrid files. "
+                             "Required for full (q, k, v) Translution and alpha models, which both have; "
+                             "inferred for the others")
     export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="dtype of floating-point weights (default fp32, the master weights)")
     export.set_defaults(func=run_export)
@@ -105,9 +110,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if bool(args.official) != bool(args.query_projection):
-        raise UsageError("--official and --query-projection go together: the official files differ in which bank "
-                         "multiplies the query token (see docs/official_weights.md)")
+    if args.query_projection and not args.official:
+        raise UsageError("--query-projection applies to --official exports only; add --official vit|gpt")
     import torch
 
     from training.checkpoint.export import check_target, export

@@ -202,7 +202,7 @@ def _shapes(model: ModelConfig, layout: ParallelConfig, batch: int) -> Shapes:
     d = model.dims
     tp = layout.tp
     tokens = model.layout().max_tokens
-    patches = model.grid ** 2 if model.arch == "vit" else 0
+    patches = model.num_patches if model.arch == "vit" else 0
     return Shapes(batch, tokens, d.dim, d.heads * d.dim_head // tp, d.heads // tp, -(-d.mlp_dim // tp),
                   d.heads * model.alpha_rank, model.vocab_size if model.arch == "gpt" else model.num_classes,
                   model.patch_size ** 2 * model.channels, patches)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from parallelism.config import ParallelConfig
+from parallelism.tensor_parallel import plain_low_rank_sides
 from translution_dist.models import ModelConfig, build_model
 from translution_dist.models.attention import (
     AlphaTranslutionAttention,
@@ -100,16 +101,20 @@ def _component(p: ParamInfo) -> str:
 
 def _linear_roles(module: nn.Module) -> dict[str, Role]:
     """Roles of the plain linear maps that ``apply_tensor_parallel`` parallelizes in ``module``."""
+    roles: dict[str, Role] = {}
     if isinstance(module, TranslutionAttention):
-        roles: dict[str, Role] = {f"{side}_proj": "colwise" for side in "qkv" if side not in module.relative}
-        return {**roles, "out_proj": "rowwise"}
-    if isinstance(module, AlphaTranslutionAttention):
-        return {"qkv_proj": "colwise", "v_up": "colwise", "out_proj": "rowwise"}
-    if isinstance(module, SelfAttention):
-        return {"qkv_proj": "colwise", "out_proj": "rowwise"}
-    if isinstance(module, FeedForward):
+        roles = {f"{side}_proj": "colwise" for side in "qkv" if side not in module.relative}
+    elif isinstance(module, AlphaTranslutionAttention):
+        roles = {"qkv_proj": "colwise", "v_up": "colwise", **dict.fromkeys(
+            (f"{side}_down" for side in plain_low_rank_sides(module)), "colwise")}
+    elif isinstance(module, SelfAttention):
+        roles = {"qkv_proj": "colwise"}
+    elif isinstance(module, FeedForward):
         return {"up_proj": "colwise", "down_proj": "rowwise"}
-    return {}
+    else:
+        return {}
+    roles["out_proj"] = "rowwise"
+    return {name: role for name, role in roles.items() if isinstance(getattr(module, name, None), nn.Linear)}
 
 
 def census(model_config: ModelConfig, vocab_parallel: bool = False) -> Census:

@@ -134,6 +134,9 @@ class ParallelConfig(BaseModel):
             if attention == "self_attention":
                 raise ValueError("dispp splits displacement banks and self-attention has none; "
                                  "set dispp: 1 or attention: translution/alpha")
+            if model.num_relative_blocks == 0:
+                raise ValueError("dispp splits displacement banks and relative_blocks=0 leaves none; "
+                                 "set dispp: 1 or relative_blocks >= 1")
             k = model.layout().num_displacements
             smallest_chunk = k // model.bank_chunks
             if self.dispp > smallest_chunk:

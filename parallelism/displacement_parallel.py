@@ -22,7 +22,8 @@ Per layer:
   ``out_proj`` (all-reduce forward, identity backward);
 * gradients flowing back to replicated tensors from owned pairs only are partial sums and are
   completed by one all-reduce where they enter a replicated computation: the bank inputs,
-  the outputs of plain q/k/v projections (α's ``qkv_proj``);
+  the outputs of plain q/k/v projections (α's ``qkv_proj`` and a score side's low-rank
+  projection without a bank);
 * α's ``v_up`` reads the partial low-rank values: they are summed first, and its output is
   counted on the first ``dispp`` rank only (straight-through in backward), so that ``v_up``'s
   weight sees the whole input and every rank the whole gradient.
@@ -43,6 +44,7 @@ from torch.distributed.tensor import DTensor, Shard
 from parallelism.tensor_parallel import (
     complete_bank_input_grads,
     copy_output_hook,
+    plain_low_rank_sides,
     reduce_input_hook,
 )
 from translution_dist.models.attention import (
@@ -164,9 +166,11 @@ def _parallelize_layer(layer: RelativeAttentionBase, mesh: DeviceMesh) -> None:
     layer.out_proj.register_forward_pre_hook(reduce_input_hook(dispp), prepend=True)
     complete_bank_input_grads(layer, dispp)
     if isinstance(layer, AlphaTranslutionAttention):
-        layer.qkv_proj.register_forward_hook(copy_output_hook(dispp))
-        layer.v_up.register_forward_pre_hook(reduce_input_hook(dispp), prepend=True)
-        layer.v_up.register_forward_hook(_first_rank_only(dispp))
+        for name in ("qkv_proj", *(f"{side}_down" for side in plain_low_rank_sides(layer))):
+            getattr(layer, name).register_forward_hook(copy_output_hook(dispp))
+        if hasattr(layer, "v_up"):
+            layer.v_up.register_forward_pre_hook(reduce_input_hook(dispp), prepend=True)
+            layer.v_up.register_forward_hook(_first_rank_only(dispp))
     elif isinstance(layer, TranslutionAttention):
         for side in "qkv":
             if side not in layer.relative:

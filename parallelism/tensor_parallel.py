@@ -12,10 +12,12 @@ feed-forward; a block's input and output are replicated over the ``tp`` group.
   reshards it like any other weight) and its output regrouped into this rank's heads of q, k
   and v (an all-gather forward, a reduce-scatter backward).
 * α-Translution: its banks ``[K, h·r, h·r]`` map all heads' rank-r inputs to all heads'
-  outputs. They are split by heads on the output axis only: the down projections
-  ``q_down/k_down/v_down`` stay replicated (``C·h·r``, small), every rank feeds the whole
-  ``h·r`` input to its output columns, and ``v_up`` (which mixes the heads' low-rank values)
-  is column-parallel over the gathered ``h·r`` input (``ColwiseParallel(input_layouts=Shard(-1))``).
+  outputs. They are split by heads on the output axis only: the down projections that feed
+  banks stay replicated (``C·h·r``, small), every rank feeds the whole ``h·r`` input to its
+  output columns, and ``v_up`` (which mixes the heads' low-rank values) is column-parallel
+  over the gathered ``h·r`` input (``ColwiseParallel(input_layouts=Shard(-1))``). A score
+  side that is not relative (``k_down`` of LoR_Q, ``q_down`` of LoR_K, …) is used per head
+  as it is: column-parallel like a plain q/k projection.
 * The gradient that a rank's heads return to a replicated input is partial; each consumer
   that computes only some heads completes it with :func:`copy_to_region` (identity forward,
   all-reduce backward): ``ColwiseParallel`` does so for its input, and the bank inputs get one
@@ -79,8 +81,8 @@ def complete_bank_input_grads(layer: RelativeAttentionBase, mesh: DeviceMesh) ->
     """
     hook = copy_output_hook(mesh)
     if isinstance(layer, AlphaTranslutionAttention):
-        for name in ("q_down", "k_down", "v_down"):
-            getattr(layer, name).register_forward_hook(hook)
+        for side in layer.relative:
+            getattr(layer, f"{side}_down").register_forward_hook(hook)
     elif isinstance(layer, TranslutionAttention) and layer.relative == "qkv":
         layer.norm.register_forward_hook(hook)
     else:
@@ -133,9 +135,17 @@ def _parallelize_translution(layer: TranslutionAttention, mesh: DeviceMesh) -> N
     complete_bank_input_grads(layer, mesh)
 
 
+def plain_low_rank_sides(layer: AlphaTranslutionAttention) -> list[str]:
+    """Score sides of α's Translution term that are a low-rank projection without a bank."""
+    return [side for side in "qk" if side not in layer.relative and hasattr(layer, f"{side}_down")]
+
+
 def _parallelize_alpha(layer: AlphaTranslutionAttention, mesh: DeviceMesh) -> None:
     _fused_qkv(layer, mesh)
-    parallelize_module(layer, mesh, {"v_up": ColwiseParallel(input_layouts=Shard(-1)), "out_proj": RowwiseParallel()})
+    plan = {f"{side}_down": ColwiseParallel() for side in plain_low_rank_sides(layer)}
+    if hasattr(layer, "v_up"):
+        plan["v_up"] = ColwiseParallel(input_layouts=Shard(-1))
+    parallelize_module(layer, mesh, {**plan, "out_proj": RowwiseParallel()})
     _shard_banks_by_heads(layer, mesh)
     complete_bank_input_grads(layer, mesh)
 

@@ -39,7 +39,8 @@ def _counted(model: torch.nn.Module, tokens: torch.Tensor, backward: bool) -> in
 
 
 @pytest.mark.parametrize(("attention", "relative"), [("translution", "qkv"), ("translution", "v"),
-                                                     ("translution", "qk"), ("alpha", "qkv")])
+                                                     ("translution", "qk"), ("alpha", "qkv"), ("alpha", "v"),
+                                                     ("alpha", "k"), ("alpha", "qv")])
 def test_matmul_terms_equal_torch_flop_counter(attention: str, relative: str) -> None:
     """Forward and executed forward + backward: every mm/bmm the model issues, padding pairs included."""
     cfg = _gpt(attention, relative)
@@ -49,6 +50,13 @@ def test_matmul_terms_equal_torch_flop_counter(attention: str, relative: str) ->
     terms = [t for t in flop_terms(cfg, pairs=_planned_pairs(cfg)) if t.matmul]
     assert _counted(model, tokens, backward=False) == BATCH * sum(t.forward for t in terms)
     assert _counted(model, tokens, backward=True) == BATCH * sum(t.executed for t in terms)
+
+
+def test_hybrid_counts_its_relative_and_its_plain_blocks() -> None:
+    """One Translution block and one self-attention block: the mean of the two uniform models."""
+    hybrid = _gpt("translution").model_copy(update={"relative_blocks": 1})
+    assert model_flops_per_sample(hybrid) == (model_flops_per_sample(_gpt("translution"))
+                                              + model_flops_per_sample(_gpt("self_attention"))) / 2
 
 
 def test_self_attention_linears_equal_torch_flop_counter() -> None:

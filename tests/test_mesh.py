@@ -89,6 +89,7 @@ def test_invalid_fields_name_the_field_and_the_fix(fields, message):
     (dict(attention="translution", heads=4, mlp_dim=30), dict(tp=4), r"tp=4 must divide mlp_dim=30"),
     (dict(attention="self_attention", position="relative_bias"), dict(tp=2), "relative_bias"),
     (dict(attention="self_attention"), dict(dispp=2), "self-attention has none"),
+    (dict(attention="translution", relative_blocks=0), dict(dispp=2), "relative_blocks=0 leaves none"),
     (dict(attention="alpha", bank_chunks=4), dict(dispp=4), r"dispp=4 exceeds the 2 displacement rows .*bank_chunks=4"),
     (dict(attention="translution"), dict(dispp=9), r"exceeds the 8 displacement rows"),
 ])

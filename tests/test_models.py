@@ -84,8 +84,15 @@ def test_overrides_replace_single_preset_fields():
     (dict(arch="vit", image_size=32, patch_size=16, bank_chunks=13), "exceeds the K=12 displacements"),
     (dict(arch="gpt", relative="qx"), "relative must be a non-empty subset of 'qkv'"),
     (dict(arch="gpt", relative=""), "relative must be a non-empty subset of 'qkv'"),
-    (dict(arch="gpt", attention="alpha", relative="kv"), "relative='kv' applies to attention=translution only"),
-    (dict(arch="gpt", position="rope"), "position=rope applies to attention=self_attention only"),
+    (dict(arch="gpt", attention="self_attention", relative="kv"),
+     "relative='kv' applies to attention=translution or alpha"),
+    (dict(arch="gpt", position="rope"), "it needs relative='v'"),
+    (dict(arch="gpt", position="relative_bias"), "relative_bias applies to attention=self_attention only"),
+    (dict(arch="gpt", relative_blocks=3, depth=2), "relative_blocks (3) exceeds depth (2)"),
+    (dict(arch="gpt", attention="self_attention", relative_blocks=1), "relative_blocks applies to"),
+    (dict(arch="gpt", pool="mean"), "pool applies to arch=vit only"),
+    (dict(arch="vit", image_size=[32, 30], patch_size=[8, 4]), "is not divisible by patch_size"),
+    (dict(arch="vit", image_size=[32, 0]), "sizes must be positive"),
     (dict(arch="gpt", attention="self_attention", position="rope", dim_head=6), "rope needs dim_head divisible by 4"),
     (dict(arch="gpt", depths=3), "depths"),
 ])
@@ -103,12 +110,12 @@ def test_relative_is_canonicalised_and_positions_default_by_attention():
 def _tiny(arch: str, attention: str, **extra) -> ModelConfig:
     shape = dict(image_size=12, patch_size=4, channels=2, num_classes=7) if arch == "vit" else dict(
         context_length=6, vocab_size=13)
-    return ModelConfig(arch=arch, attention=attention, **TINY, **shape, **extra)
+    return ModelConfig(arch=arch, attention=attention, **{**TINY, **shape, **extra})
 
 
 def _inputs(cfg: ModelConfig, batch: int = 2, n: int | None = None) -> torch.Tensor:
     if cfg.arch == "vit":
-        return torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
+        return torch.randn(batch, cfg.channels, *cfg.image_hw)
     return torch.randint(0, cfg.vocab_size, (batch, n or cfg.context_length))
 
 
@@ -119,6 +126,10 @@ ATTENTIONS = [
     pytest.param("self_attention", {}, id="sa-learned"),
     pytest.param("self_attention", {"position": "rope"}, id="sa-rope"),
     pytest.param("self_attention", {"position": "relative_bias"}, id="sa-relative-bias"),
+    pytest.param("alpha", {"relative": "k", "position": "rope"}, id="alpha-k-rope"),
+    pytest.param("translution", {"relative": "v", "position": "learned+rope", "rope_convention": "official"},
+                 id="translution-v-rope-official"),
+    pytest.param("alpha", {"relative": "qv", "relative_blocks": 1, "dropout": 0.1}, id="alpha-qv-hybrid"),
 ]
 
 
@@ -137,9 +148,12 @@ def test_gpt_forward_shape_and_shorter_sequences(attention, extra, n):
     assert logits.shape == (2, n, 13) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("attention", ["translution", "alpha", "self_attention"])
-def test_gpt_is_causal(attention):
-    cfg = _tiny("gpt", attention)
+@pytest.mark.parametrize("attention,extra", [("translution", {}), ("alpha", {}), ("self_attention", {}),
+                                             ("translution", {"relative_blocks": 1, "relative": "qk"}),
+                                             ("alpha", {"relative_blocks": 0, "position": "rope"})])
+def test_gpt_is_causal(attention, extra):
+    """Hybrids too: their self-attention blocks are causal (the official ones are not)."""
+    cfg = _tiny("gpt", attention, **extra)
     model = build_model(cfg)
     tokens = _inputs(cfg)
     changed = tokens.clone()
@@ -154,6 +168,34 @@ def test_bad_inputs_are_refused_with_the_expected_shape():
     vit = build_model(_tiny("vit", "translution"))
     with pytest.raises(ValueError, match=r"expected images of shape \[B, 2, 12, 12\]"):
         vit(torch.zeros(1, 3, 12, 12))
+
+
+def test_hybrids_have_relative_attention_in_their_first_blocks_only():
+    cfg = _tiny("vit", "alpha", depth=3, relative_blocks=2, relative="kv")
+    kinds = [type(block.attn).__name__ for block in build_model(cfg).encoder.blocks]
+    assert kinds == ["AlphaTranslutionAttention", "AlphaTranslutionAttention", "SelfAttention"]
+    plain = build_model(cfg).encoder.blocks[2].attn
+    assert plain.position == "none" and plain.rotary is None
+
+
+def test_rectangular_images_and_patches_and_mean_pooling():
+    cfg = _tiny("vit", "translution", image_size=[8, 12], patch_size=[4, 2], pool="mean")
+    assert cfg.grid_hw == (2, 6) and cfg.layout().num_displacements == 3 * 11 + 3
+    model = build_model(cfg)
+    assert model(_inputs(cfg, batch=3)).shape == (3, 7)
+    with pytest.raises(ValueError, match=r"expected images of shape \[B, 2, 8, 12\]"):
+        model(torch.zeros(1, 2, 12, 8))
+    images = _inputs(cfg)
+    tokens = model.encoder(torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(images)], dim=1))
+    torch.testing.assert_close(model(images), model.head(tokens.mean(dim=1)))
+
+
+def test_one_head_as_wide_as_the_model_has_no_output_projection():
+    """As the official to_out: nn.Identity when heads == 1 and dim_head == dim."""
+    wide = build_model(_tiny("gpt", "alpha", heads=1, dim_head=16, relative="v"))
+    assert all(isinstance(block.attn.out_proj, torch.nn.Identity) for block in wide.encoder.blocks)
+    narrow = build_model(_tiny("gpt", "alpha", heads=2, dim_head=8, relative="v"))
+    assert isinstance(narrow.encoder.blocks[0].attn.out_proj, torch.nn.Linear)
 
 
 def test_gpt_keeps_both_final_norms_and_an_untied_head():

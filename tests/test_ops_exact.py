@@ -69,6 +69,15 @@ def test_alpha_translution_matches_reference(layout, n, bank_chunks):
     _assert_matches(layer.double(), naive_alpha_translution, n)
 
 
+@pytest.mark.parametrize("layout,n", [LAYOUTS[0], LAYOUTS[3]])
+@pytest.mark.parametrize("relative", [r for r in RELATIVE_SUBSETS if r != "qkv"])
+def test_alpha_translution_subsets_match_reference(layout, n, relative):
+    """LoR_Q … LoR_KV: outputs and every gradient, a bank-less score side included."""
+    torch.manual_seed(0)
+    layer = AlphaTranslutionAttention(layout, dim=12, heads=3, dim_head=4, rank=2, bank_chunks=2, relative=relative)
+    _assert_matches(layer.double(), naive_alpha_translution, n)
+
+
 def test_pair_chunk_budget_does_not_change_results():
     torch.manual_seed(0)
     layer = TranslutionAttention(ImageGridLayout(4, 3), dim=8, heads=2, dim_head=4).double().to(DEVICE)

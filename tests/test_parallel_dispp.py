@@ -38,6 +38,13 @@ DISPP_CASES = {
     # score banks split, plain values: partial outputs of a plain projection are summed
     "gpt-translution-relative-qk": ({**GPT, "attention": "translution", "relative": "qk", "bank_chunks": 3},
                                     DISPP2),
+    # α without a value term (no v_up) in a hybrid; α with a bank-less score side (q_down) and RoPE;
+    # α with a value term only (dense scores), rectangular grid, mean pooling
+    "gpt-alpha-qk-hybrid": ({**GPT, "attention": "alpha", "relative": "qk", "relative_blocks": 1}, DISPP2),
+    "vit-alpha-k-rope": ({**VIT, "attention": "alpha", "relative": "k", "position": "rope", "bank_chunks": 2},
+                         DISPP2),
+    "vit-alpha-v-rectangular": ({**VIT, "image_size": [4, 6], "attention": "alpha", "relative": "v",
+                                 "pool": "mean"}, DISPP2),
 }
 
 GRID_CASES = {
@@ -47,6 +54,7 @@ GRID_CASES = {
     "gpt-translution": ({**GPT, "attention": "translution", "relative": "kv"}, TP2_DISPP2),
     "gpt-alpha-vocab-parallel": ({**GPT, "attention": "alpha", "bank_chunks": 2},
                                  {**TP2_DISPP2, "vocab_parallel": True}),
+    "vit-alpha-qv-rope": ({**VIT, "attention": "alpha", "relative": "qv", "position": "rope"}, TP2_DISPP2),
 }
 CHECKPOINTED = "vit-alpha"
 

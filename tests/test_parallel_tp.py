@@ -27,6 +27,13 @@ CASES = {
     "vit-translution-relative-kv": ({**VIT, "attention": "translution", "relative": "kv", "bank_chunks": 3}, TP2),
     "gpt-self-attention-rope": ({**GPT, "attention": "self_attention", "position": "rope"},
                                 {**TP2, "vocab_parallel": True}),
+    # α subsets: a score side without a bank (k_down, q_down) is column-parallel; no v_up without v;
+    # a hybrid's self-attention block; rotary α; a rectangular grid with mean pooling
+    "vit-alpha-q-hybrid": ({**VIT, "attention": "alpha", "relative": "q", "relative_blocks": 1, "bank_chunks": 2},
+                           TP2),
+    "gpt-alpha-kv-rope": ({**GPT, "attention": "alpha", "relative": "kv", "position": "rope"}, TP2),
+    "vit-translution-v-rope-rectangular": ({**VIT, "image_size": [4, 6], "attention": "translution", "relative": "v",
+                                            "position": "rope", "pool": "mean"}, TP2),
 }
 
 

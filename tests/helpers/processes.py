@@ -80,7 +80,7 @@ def tiny_batch(cfg: ModelConfig, batch_size: int, seed: int) -> tuple[Tensor, Te
     """``(inputs, targets)`` for ``cfg``: random images and labels, or a random token window."""
     generator = torch.Generator().manual_seed(seed)
     if cfg.arch == "vit":
-        images = torch.randn(batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)
+        images = torch.randn(batch_size, cfg.channels, *cfg.image_hw, generator=generator)
         return images, torch.randint(cfg.num_classes, (batch_size,), generator=generator)
     tokens = torch.randint(cfg.vocab_size, (batch_size, cfg.context_length + 1), generator=generator)
     return tokens[:, :-1], tokens[:, 1:]

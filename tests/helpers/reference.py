@@ -74,15 +74,22 @@ def naive_translution(layer: TranslutionAttention, x: Tensor, per_sample_bank: b
 
 
 def naive_alpha_translution(layer: AlphaTranslutionAttention, x: Tensor) -> Tensor:
+    """Any subset: a score side without a bank is its low-rank projection broadcast over the other token."""
     key_index, query_index = (t.to(x.device) for t in layer.layout.index_maps(x.shape[1]))
     b, n, _ = x.shape
     h = layer.norm(x)
+    rel = layer.relative
     q1, k1, v1 = (t.view(b, n, -1, layer.dim_head).transpose(1, 2) for t in layer.qkv_proj(h).chunk(3, dim=-1))
-    q2 = _per_pair(layer.q_down(h), _official_order(layer, "q"), query_index, "i")
-    k2 = _per_pair(layer.k_down(h), _official_order(layer, "k"), key_index, "j")
-    v2 = _per_pair(layer.v_down(h), _official_order(layer, "v"), key_index, "j")
-    scores = (q1 @ k1.transpose(-1, -2) + _relative_scores(q2, k2, layer.rank)) / 2 * layer.scale
+    scores = q1 @ k1.transpose(-1, -2) * layer.scale
+    if "q" in rel or "k" in rel:
+        q2 = (_per_pair(layer.q_down(h), _official_order(layer, "q"), query_index, "i") if "q" in rel
+              else _broadcast(layer.q_down(h), "i"))
+        k2 = (_per_pair(layer.k_down(h), _official_order(layer, "k"), key_index, "j") if "k" in rel
+              else _broadcast(layer.k_down(h), "j"))
+        scores = (scores + _relative_scores(q2, k2, layer.rank) * layer.scale) / 2
     attn = _softmax(scores, layer.layout)
-    out1 = (attn @ v1).transpose(1, 2).reshape(b, n, -1)
-    out2 = layer.v_up(_weighted_values(attn, v2))
-    return layer.out_proj((out1 + out2) / 2)
+    out = (attn @ v1).transpose(1, 2).reshape(b, n, -1)
+    if "v" in rel:
+        v2 = _per_pair(layer.v_down(h), _official_order(layer, "v"), key_index, "j")
+        out = (out + layer.v_up(_weighted_values(attn, v2))) / 2
+    return layer.out_proj(out)

@@ -30,7 +30,7 @@ from training.checkpoint.locate import (
     model_entries,
 )
 from training.checkpoint.safetensors_file import TensorEntry, write_safetensors
-from translution_dist.models.official import QueryProjection, official_rules, to_official
+from translution_dist.models.official import QueryProjection, official_rules, resolve_query_projection, to_official
 
 BATCH_BYTES = 512 << 20
 """Model bytes read from the checkpoint at a time."""
@@ -56,12 +56,13 @@ def _same(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _official_plan(located: Located, shapes: dict[str, tuple[torch.Size, torch.dtype]], arch: str,
-                   query_projection: QueryProjection) -> tuple[list[_Group], dict]:
+                   query_projection: QueryProjection | None) -> tuple[list[_Group], dict, QueryProjection]:
     cfg = model_config(located)
     if cfg.arch != arch:
         raise CheckpointToolError(f"--official {arch}: the checkpoint holds a {cfg.arch} model; "
                                   f"use --official {cfg.arch}")
     try:
+        query_projection = resolve_query_projection(cfg, query_projection)
         rules = official_rules(cfg, query_projection)
         with torch.device("meta"):  # checks every key and shape against the config; converts shapes only
             converted = to_official({n: torch.empty(s, dtype=d) for n, (s, d) in shapes.items()}, cfg,
@@ -69,7 +70,7 @@ def _official_plan(located: Located, shapes: dict[str, tuple[torch.Size, torch.d
     except ValueError as err:  # OfficialWeightsError among them
         raise CheckpointToolError(f"cannot export official names: {err}") from err
     groups = [_Group(rule.ours, rule.official, rule.to_official) for rule in rules]
-    return groups, {name: (t.shape, t.dtype) for name, t in converted.items()}
+    return groups, {name: (t.shape, t.dtype) for name, t in converted.items()}, query_projection
 
 
 def _batches(groups: list[_Group], sizes: dict[str, int], budget: int) -> Iterator[list[_Group]]:
@@ -97,7 +98,10 @@ def check_target(out: Path) -> None:
 def export(located: Located, out: Path, *, official: str | None = None,
            query_projection: QueryProjection | None = None, dtype: torch.dtype = torch.float32,
            batch_bytes: int = BATCH_BYTES) -> ExportResult:
-    """Write the model weights of ``located`` to ``out`` (``official``: the arch whose official names to use)."""
+    """Write the model weights of ``located`` to ``out`` (``official``: the arch whose official names to use).
+
+    ``query_projection`` may be left out where the model exists in one official convention only.
+    """
     check_target(out)
     metadata = dcp_metadata(located)
     entries = model_entries(metadata)
@@ -105,7 +109,7 @@ def export(located: Located, out: Path, *, official: str | None = None,
         raise CheckpointToolError(f"{located.dcp_dir} holds no model tensors")
     shapes = {name: (md.size, md.properties.dtype) for name, md in entries.items()}
     if official:
-        groups, out_shapes = _official_plan(located, shapes, official, query_projection)
+        groups, out_shapes, query_projection = _official_plan(located, shapes, official, query_projection)
     else:
         groups, out_shapes = [_Group((name,), (name,), _same) for name in shapes], shapes
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from translution_dist.ops import (
     DisplacementBank,
+    ImageGridLayout,
     RelativeLayout,
     in_compute_dtype,
     pair_plan,
@@ -110,11 +111,16 @@ class RelativeAttentionBase(nn.Module):
     displacements.
     """
 
-    def __init__(self, layout: RelativeLayout, dim_head: int) -> None:
+    def __init__(self, layout: RelativeLayout, dim_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.layout = layout
         self.dim_head = dim_head
         self.row_softmax: Callable[[Tensor, Tensor | None], Tensor] = _masked_softmax
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def _attend(self, scores: Tensor) -> Tensor:
+        """Attention probabilities (softmax over the allowed keys), with dropout."""
+        return self.attn_dropout(self.row_softmax(scores, self.layout.attention_mask(scores.shape[-1])))
 
     def _make_banks(self, sides: str, in_features: int, out_features: int, bank_chunks: int, dim_head: int) -> None:
         bounds = chunk_bounds(self.layout.num_displacements, bank_chunks)
@@ -175,14 +181,17 @@ class TranslutionAttention(RelativeAttentionBase):
 
     ``q_ij = x_i·Wq[d(i,j)]``, ``k_ij = x_j·Wk[d(i,j)]``, ``v_ij = x_j·Wv[d(i,j)]`` with ``d``
     the key-side displacement (the query bank is stored in key-side order),
-    ``a = softmax_j(⟨q_ij, k_ij⟩/√d_head)`` per head, ``o_i = Σ_j a_ij·v_ij``.
+    ``a = softmax_j(⟨q_ij, k_ij⟩/√d_head)`` per head, ``o_i = Σ_j a_ij·v_ij``. With ``rotary``
+    (``relative='v'`` only) the plain queries and keys are rotated first.
     """
 
     def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, relative: str = "qkv",
-                 bank_chunks: int = 1) -> None:
-        super().__init__(layout, dim_head)
+                 bank_chunks: int = 1, dropout: float = 0.0, rotary: RotaryEmbedding | None = None) -> None:
+        super().__init__(layout, dim_head, dropout)
         if relative not in RELATIVE_SUBSETS:
             raise ValueError(f"relative must be one of {RELATIVE_SUBSETS}, got {relative!r}")
+        if rotary is not None and relative != "v":
+            raise ValueError(f"a rotary embedding needs plain queries and keys (relative='v'), got {relative!r}")
         inner_dim = heads * dim_head
         self.relative = relative
         self.scale = dim_head ** -0.5
@@ -191,7 +200,9 @@ class TranslutionAttention(RelativeAttentionBase):
             if side not in relative:
                 self.add_module(f"{side}_proj", nn.Linear(dim, inner_dim, bias=False))
         self._make_banks(relative, dim, inner_dim, bank_chunks, dim_head)
-        self.out_proj = nn.Linear(inner_dim, dim)
+        self.rotary = rotary
+        self.out_proj = output_projection(heads, dim_head, dim)
+        self.out_dropout = nn.Dropout(dropout)
 
     def _plain(self, side: str, x: Tensor) -> Tensor:
         """Input of a relative side, projection of a plain one."""
@@ -201,52 +212,73 @@ class TranslutionAttention(RelativeAttentionBase):
         (x,) = in_compute_dtype(self.norm(x))  # under autocast one low-precision copy serves every side
         xq, xk, xv = (self._plain(side, x) for side in "qkv")
         if self.score_banks is None:
-            scores = _split_heads(xq, self.dim_head) @ _split_heads(xk, self.dim_head).transpose(-1, -2) * self.scale
+            q, k = _split_heads(xq, self.dim_head), _split_heads(xk, self.dim_head)
+            if self.rotary is not None:
+                q, k = self.rotary(q), self.rotary(k)
+            scores = q @ k.transpose(-1, -2) * self.scale
         else:
             scores = self._relative_scores(xq, xk, self.scale)
-        attn = self.row_softmax(scores, self.layout.attention_mask(x.shape[1]))
+        attn = self._attend(scores)
         if self.value_banks is None:
             out = _merge_heads(attn @ _split_heads(xv, self.dim_head))
         else:
             out = self._relative_values(attn, xv)
-        return self.out_proj(out)
+        return self.out_dropout(self.out_proj(out))
 
 
 class AlphaTranslutionAttention(RelativeAttentionBase):
-    """α-Translution: attention plus a rank-``r`` (per head) Translution term.
+    """α-Translution: attention plus a rank-``r`` (per head) Translution term on the ``relative`` sides.
 
-    ``s_ij = (⟨q1_i, k1_j⟩ + ⟨q2_ij, k2_ij⟩)/2/√d_head`` with ``q2_ij = (x_i·Dq)·Wq2[d(i,j)]``,
-    ``k2_ij = (x_j·Dk)·Wk2[d(i,j)]``; ``o_i = to_out((Σ_j a_ij·v1_j + U·Σ_j a_ij·v2_ij)/2)``
-    with ``v2_ij = (x_j·Dv)·Wv2[d(i,j)]``. ``D*`` are ``Linear(C, h·r)``, banks are
-    ``[K, h·r, h·r]`` and ``U`` is ``Linear(h·r, C')``.
+    With ``q1, k1, v1`` the attention's projections, the score term (present when q or k is
+    relative) is ``s_ij = (⟨q1_i, k1_j⟩ + ⟨q2_ij, k2_ij⟩)/2/√d_head`` with
+    ``q2_ij = (x_i·Dq)·Wq2[d(i,j)]`` and ``k2_ij = (x_j·Dk)·Wk2[d(i,j)]``, a side that is not
+    relative using its low-rank projection alone (``q2_i = x_i·Dq``); without it
+    ``s_ij = ⟨q1_i, k1_j⟩/√d_head``. The value term (``v`` relative) gives
+    ``o_i = (Σ_j a_ij·v1_j + U·Σ_j a_ij·v2_ij)/2`` with ``v2_ij = (x_j·Dv)·Wv2[d(i,j)]``;
+    without it ``o_i = Σ_j a_ij·v1_j``. ``D*`` are ``Linear(C, h·r)``, banks ``[K, h·r, h·r]``,
+    ``U`` is ``Linear(h·r, C')``; the output goes through ``out_proj``. With ``rotary`` ``q1`` and
+    ``k1`` are rotated.
     """
 
     def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, rank: int = 8,
-                 bank_chunks: int = 1) -> None:
-        super().__init__(layout, dim_head)
+                 bank_chunks: int = 1, relative: str = "qkv", dropout: float = 0.0,
+                 rotary: RotaryEmbedding | None = None) -> None:
+        super().__init__(layout, dim_head, dropout)
+        if relative not in RELATIVE_SUBSETS:
+            raise ValueError(f"relative must be one of {RELATIVE_SUBSETS}, got {relative!r}")
         inner_dim = heads * dim_head
         low = heads * rank
         self.rank = rank
+        self.relative = relative
         self.scale = dim_head ** -0.5
         self.norm = nn.LayerNorm(dim)
         self.qkv_proj = nn.Linear(dim, 3 * inner_dim, bias=False)
-        self.q_down = nn.Linear(dim, low, bias=False)
-        self.k_down = nn.Linear(dim, low, bias=False)
-        self.v_down = nn.Linear(dim, low, bias=False)
-        self._make_banks("qkv", low, low, bank_chunks, rank)
-        self.v_up = nn.Linear(low, inner_dim, bias=False)
-        self.out_proj = nn.Linear(inner_dim, dim)
+        self.rotary = rotary
+        score_term = "q" in relative or "k" in relative
+        for side in ("qk" if score_term else "") + ("v" if "v" in relative else ""):
+            self.add_module(f"{side}_down", nn.Linear(dim, low, bias=False))
+        self._make_banks(relative, low, low, bank_chunks, rank)
+        if "v" in relative:
+            self.v_up = nn.Linear(low, inner_dim, bias=False)
+        self.out_proj = output_projection(heads, dim_head, dim)
+        self.out_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         q1, k1, v1 = (_split_heads(t, self.dim_head) for t in self.qkv_proj(x).chunk(3, dim=-1))
-        half_scale = self.scale / 2
-        scores = q1 @ k1.transpose(-1, -2) * half_scale
-        scores = scores + self._relative_scores(self.q_down(x), self.k_down(x), half_scale)
-        attn = self.row_softmax(scores, self.layout.attention_mask(x.shape[1]))
-        out1 = _merge_heads(attn @ v1)
-        out2 = self.v_up(self._relative_values(attn, self.v_down(x)))
-        return self.out_proj((out1 + out2) / 2)
+        if self.rotary is not None:
+            q1, k1 = self.rotary(q1), self.rotary(k1)
+        if self.score_banks is None:
+            scores = q1 @ k1.transpose(-1, -2) * self.scale
+        else:
+            half_scale = self.scale / 2
+            scores = q1 @ k1.transpose(-1, -2) * half_scale
+            scores = scores + self._relative_scores(self.q_down(x), self.k_down(x), half_scale)
+        attn = self._attend(scores)
+        out = _merge_heads(attn @ v1)
+        if self.value_banks is not None:
+            out = (out + self.v_up(self._relative_values(attn, self.v_down(x)))) / 2
+        return self.out_dropout(self.out_proj(out))
 
 
 class SelfAttention(nn.Module):
@@ -256,7 +288,7 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, layout: RelativeLayout, dim: int, heads: int, dim_head: int, position: str = "none",
-                 causal: bool = False) -> None:
+                 causal: bool = False, dropout: float = 0.0, rope_convention: str = "project") -> None:
         super().__init__()
         if position not in ("none", "rope", "relative_bias"):
             raise ValueError(f"position must be none, rope or relative_bias, got {position!r}")
@@ -265,67 +297,105 @@ class SelfAttention(nn.Module):
         self.dim_head = dim_head
         self.position = position
         self.causal = causal
+        self.dropout = dropout
         self.norm = nn.LayerNorm(dim)
         self.qkv_proj = nn.Linear(dim, 3 * inner_dim, bias=False)
-        self.out_proj = nn.Linear(inner_dim, dim)
+        self.out_proj = output_projection(heads, dim_head, dim)
+        self.out_dropout = nn.Dropout(dropout)
         if position == "relative_bias":
             self.bias_table = nn.Parameter(torch.empty(layout.num_displacements, heads))
-        if position == "rope":
-            if dim_head % 4:
-                raise ValueError(f"rope needs dim_head divisible by 4, got {dim_head}")
-            self.register_buffer("rope_freqs", torch.empty(dim_head // _rope_axes(layout) // 2), persistent=False)
+        self.rotary = RotaryEmbedding(layout, dim_head, rope_convention) if position == "rope" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Initialise what this layer owns directly (also after ``to_empty`` from the meta device)."""
         if self.position == "relative_bias":
             nn.init.trunc_normal_(self.bias_table, std=0.02)
-        if self.position == "rope" and self.rope_freqs.device.type != "meta":
-            with torch.no_grad():
-                self.rope_freqs.copy_(_rope_frequencies(self.rope_freqs.numel() * 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
+        n = x.shape[1]
         q, k, v = (_split_heads(t, self.dim_head) for t in self.qkv_proj(self.norm(x)).chunk(3, dim=-1))
         mask = None
-        if self.position == "rope":
-            positions = _rope_positions(self.layout, n).to(x.device)
-            q, k = _apply_rope(q, positions, self.rope_freqs), _apply_rope(k, positions, self.rope_freqs)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         if self.position == "relative_bias":
             key_index, _ = self.layout.index_maps(n)
             key_index = key_index.to(x.device)
             mask = self.bias_table[key_index.clamp(min=0)].permute(2, 0, 1).to(q.dtype)
             if self.causal:
                 mask = mask.masked_fill(key_index < 0, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
-        return self.out_proj(_merge_heads(out))
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                             is_causal=self.causal and mask is None)
+        return self.out_dropout(self.out_proj(_merge_heads(out)))
 
 
-def _rope_axes(layout: RelativeLayout) -> int:
-    return 1 if not hasattr(layout, "height") else 2
+def output_projection(heads: int, dim_head: int, dim: int) -> nn.Module:
+    """``Linear(h·d, C)``, or the identity for a single head as wide as the model (as the official ``to_out``)."""
+    if heads == 1 and dim_head == dim:
+        return nn.Identity()
+    return nn.Linear(heads * dim_head, dim)
 
 
-def _rope_frequencies(rotary_dim: int) -> Tensor:
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) of ``[B, h, N, d]`` queries or keys.
+
+    Text rotates by the token index; an image grid splits the head dimension between rows and
+    columns and leaves the class token unrotated. Channel pair ``p`` turns by ``pos·f_p``, with
+    ``f_p = 10000^(−2p/d')`` over the ``d' = d/axes`` channels of its axis. ``convention``:
+
+    * ``"project"`` — pair ``p`` is channels ``(2p, 2p+1)``; patches sit at ``(row+1, col+1)``.
+    * ``"official"`` — pair ``p`` is channels ``(p, p + d/2)`` (the official ``rotate_half``);
+      patches sit at ``(row, col)``, as the official ``RoPE2DWithCLS`` places them.
+    """
+
+    def __init__(self, layout: RelativeLayout, dim_head: int, convention: str = "project") -> None:
+        super().__init__()
+        if convention not in ("project", "official"):
+            raise ValueError(f"rope convention must be project or official, got {convention!r}")
+        self.layout = layout
+        self.convention = convention
+        self.axes = 2 if isinstance(layout, ImageGridLayout) else 1
+        if dim_head % (2 * self.axes):
+            raise ValueError(f"rope needs dim_head divisible by {2 * self.axes}, got {dim_head}")
+        self.register_buffer("freqs", torch.empty(dim_head // self.axes // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.freqs.device.type != "meta":
+            with torch.no_grad():
+                self.freqs.copy_(rope_frequencies(self.freqs.numel() * 2))
+
+    def angles(self, n: int) -> Tensor:
+        """``[n, d/2]`` float32 angles, pair by pair (an image grid's row pairs first)."""
+        positions = rope_positions(self.layout, n, origin=1 if self.convention == "project" else 0)
+        freqs = self.freqs.float()  # float32 even in a float64 model: the official caches are float32
+        return (positions.to(freqs.device)[:, :, None] * freqs).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        angles = self.angles(x.shape[-2])
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        if self.convention == "official":
+            first, second = x.chunk(2, dim=-1)
+            return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}, convention={self.convention}"
+
+
+def rope_frequencies(rotary_dim: int) -> Tensor:
+    """The ``rotary_dim/2`` frequencies ``10000^(−2p/rotary_dim)``, float32 as the official code."""
     return 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
 
 
-def _rope_positions(layout: RelativeLayout, n: int) -> Tensor:
-    """``[n, axes]`` positions: the token index for text; (row, col) for patches, the class token at the origin."""
-    if _rope_axes(layout) == 1:
+def rope_positions(layout: RelativeLayout, n: int, origin: int = 1) -> Tensor:
+    """``[n, axes]`` float32 positions: the token index for text; for patches (row, col) + ``origin``,
+    the class token at zero (unrotated)."""
+    if not isinstance(layout, ImageGridLayout):
         return torch.arange(n, dtype=torch.float32)[:, None]
     rows = torch.arange(layout.height).repeat_interleave(layout.width)
     cols = torch.arange(layout.width).repeat(layout.height)
-    grid = torch.stack([rows, cols], dim=1).float() + 1
+    grid = torch.stack([rows, cols], dim=1).float() + origin
     return torch.cat([torch.zeros(1, 2), grid], dim=0)
-
-
-def _apply_rope(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
-    """Rotary embedding; for 2-D positions the head dimension is split between the axes."""
-    parts = x.chunk(positions.shape[1], dim=-1)
-    rotated = []
-    for axis, part in enumerate(parts):
-        angles = positions[:, axis, None] * freqs.to(x.device)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        even, odd = part[..., 0::2], part[..., 1::2]
-        rotated.append(torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2))
-    return torch.cat(rotated, dim=-1)

@@ -16,7 +16,8 @@ from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 Arch = Literal["vit", "gpt"]
 AttentionKind = Literal["translution", "alpha", "self_attention"]
-Position = Literal["learned", "none", "rope", "relative_bias"]
+Position = Literal["learned", "none", "rope", "learned+rope", "relative_bias"]
+Size2D = int | tuple[int, int]
 
 
 class Dims(NamedTuple):
@@ -56,21 +57,47 @@ class ModelConfig(BaseModel):
     dim_head: int | None = Field(None, ge=1, description="Width per head; C' = heads·dim_head need not equal dim.")
     mlp_dim: int | None = Field(None, ge=1, description="Hidden width of the feed-forward; default: from the preset.")
     relative: str = Field(
-        "qkv", description="attention=translution: which of q, k, v are displacement banks (the others are "
-                           "plain linear maps), a non-empty subset of 'qkv' such as 'qkv', 'kv' or 'v'.")
+        "qkv", description="Which of q, k, v are displacement banks, a non-empty subset of 'qkv' such as 'qkv', "
+                           "'kv' or 'v'. attention=translution: the others are plain linear maps. "
+                           "attention=alpha: the sides of the rank-r Translution term (official LoR_QKV, LoR_KV, "
+                           "...); a score term needs q or k, a value term v.")
     alpha_rank: int = Field(8, ge=1, description="attention=alpha: rank r per head of the Translution term.")
     position: Position | None = Field(
         None, description="Position information besides the relative banks. learned: an absolute embedding "
                           "added at the input (default for self_attention); none (default for translution and "
-                          "alpha); rope and relative_bias: self_attention only.")
+                          "alpha); rope: rotary embedding of the plain queries and keys (self_attention, alpha, "
+                          "and translution with relative='v'); learned+rope: both; relative_bias: "
+                          "self_attention only.")
+    rope_convention: Literal["project", "official"] = Field(
+        "project", description="Rotary layout. project (default): channels 2i and 2i+1 form a pair, patches at "
+                               "(row+1, col+1); official: channel i pairs with i+d/2, patches at (row, col), as the "
+                               "official rope_* files (needed to import their weights). The class token is never "
+                               "rotated.")
+    relative_blocks: int | None = Field(
+        None, ge=0, description="Hybrid (official tln_num): only the first N blocks use the relative attention, "
+                                "the others self-attention without position information (causal in a GPT). "
+                                "Default: every block.")
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="arch=vit: classify from the class token (cls) or the mean of all tokens (mean).")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities, attention output and both "
+                                         "feed-forward layers (official dropout).")
+    emb_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the embedded input tokens.")
     bank_chunks: int = Field(
         1, ge=1, description="Displacement chunks each bank is stored in (the ZeRO-3 gather unit); at most K.")
-    image_size: int = Field(224, ge=1, description="arch=vit: square image side in pixels.")
-    patch_size: int = Field(16, ge=1, description="arch=vit: square patch side; must divide image_size.")
+    image_size: Size2D = Field(224, description="arch=vit: image side in pixels, or [height, width].")
+    patch_size: Size2D = Field(16, description="arch=vit: patch side, or [height, width]; must divide image_size.")
     channels: int = Field(3, ge=1, description="arch=vit: image channels (3 for RGB, 1 for grayscale).")
     num_classes: int = Field(1000, ge=1, description="arch=vit: classes of the classification head.")
     context_length: int = Field(160, ge=1, description="arch=gpt: longest sequence, the K of a causal bank.")
     vocab_size: int = Field(50257, ge=1, description="arch=gpt: token vocabulary (50,257 for the GPT-2 tokenizer).")
+
+    @field_validator("image_size", "patch_size")
+    @classmethod
+    def _positive_sizes(cls, value: Size2D) -> Size2D:
+        if min(_pair(value)) < 1:
+            raise ValueError(f"sizes must be positive, got {value}")
+        return value
 
     @field_validator("relative")
     @classmethod
@@ -82,18 +109,29 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        if self.arch == "vit" and self.image_size % self.patch_size:
+        if self.arch == "vit" and any(i % p for i, p in zip(self.image_hw, self.patch_hw)):
             raise ValueError(
                 f"image_size ({self.image_size}) is not divisible by patch_size ({self.patch_size}); "
                 "choose a patch size that divides the image side")
-        if self.attention != "translution" and self.relative != "qkv":
-            raise ValueError(f"relative={self.relative!r} applies to attention=translution only; remove it")
+        if self.attention == "self_attention" and self.relative != "qkv":
+            raise ValueError(f"relative={self.relative!r} applies to attention=translution or alpha only; remove it")
         position = self.resolved_position
-        if self.attention != "self_attention" and position in ("rope", "relative_bias"):
+        if self.attention != "self_attention" and position == "relative_bias":
+            raise ValueError("position=relative_bias applies to attention=self_attention only; use none, learned "
+                             "or rope")
+        if self.rotary and self.attention == "translution" and self.relative != "v":
             raise ValueError(
-                f"position={position} applies to attention=self_attention only; use none or learned")
-        if position == "rope" and self.dims.dim_head % 4:
-            raise ValueError(f"position=rope needs dim_head divisible by 4, got {self.dims.dim_head}")
+                f"position={position} with attention=translution rotates plain queries and keys: it needs "
+                f"relative='v' (the official RoPE-Translution), got relative={self.relative!r}")
+        if self.rotary and self.dims.dim_head % 4:
+            raise ValueError(f"position={position} needs dim_head divisible by 4, got {self.dims.dim_head}")
+        if self.relative_blocks is not None:
+            if self.attention == "self_attention":
+                raise ValueError("relative_blocks applies to attention=translution or alpha; remove it")
+            if self.relative_blocks > self.dims.depth:
+                raise ValueError(f"relative_blocks ({self.relative_blocks}) exceeds depth ({self.dims.depth})")
+        if self.arch == "gpt" and self.pool != "cls":
+            raise ValueError("pool applies to arch=vit only; remove it")
         k = self.layout().num_displacements
         if self.attention != "self_attention" and self.bank_chunks > k:
             raise ValueError(
@@ -115,12 +153,50 @@ class ModelConfig(BaseModel):
         return "learned" if self.attention == "self_attention" else "none"
 
     @property
-    def grid(self) -> int:
-        """arch=vit: patches per image side."""
-        return self.image_size // self.patch_size
+    def learned_position(self) -> bool:
+        """Whether the model adds a learned absolute position embedding at the input."""
+        return self.resolved_position in ("learned", "learned+rope")
+
+    @property
+    def rotary(self) -> bool:
+        """Whether the attention layers rotate queries and keys (RoPE)."""
+        return self.resolved_position in ("rope", "learned+rope")
+
+    @property
+    def num_relative_blocks(self) -> int:
+        """Blocks with the relative attention (``depth`` but for hybrids and self-attention)."""
+        if self.attention == "self_attention":
+            return 0
+        return self.dims.depth if self.relative_blocks is None else self.relative_blocks
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """arch=vit: image (height, width) in pixels."""
+        return _pair(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        """arch=vit: patch (height, width) in pixels."""
+        return _pair(self.patch_size)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """arch=vit: the patch grid (rows, columns)."""
+        (ih, iw), (ph, pw) = self.image_hw, self.patch_hw
+        return ih // ph, iw // pw
+
+    @property
+    def num_patches(self) -> int:
+        """arch=vit: patches per image."""
+        rows, cols = self.grid_hw
+        return rows * cols
 
     def layout(self) -> RelativeLayout:
         """The token geometry: a class token and a patch grid, or a causal window."""
         if self.arch == "vit":
-            return ImageGridLayout(self.grid, self.grid)
+            return ImageGridLayout(*self.grid_hw)
         return CausalLayout(self.context_length)
+
+
+def _pair(value: Size2D) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)

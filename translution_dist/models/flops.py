@@ -78,6 +78,7 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
     d = cfg.dims
     layout = cfg.layout()
     n, c, inner, depth = layout.max_tokens, d.dim, d.heads * d.dim_head, d.depth
+    relative_blocks = cfg.num_relative_blocks
     if cfg.attention == "self_attention":
         pairs = 0
     elif pairs is None:
@@ -85,35 +86,44 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
     dense_products = 2 * 2 * n * n * inner  # q·kᵀ and a·v over every entry
     terms: list[FlopTerm] = []
 
-    def block(name: str, forward: float, split: Split, matmul: bool = True, recomputed: bool = False) -> None:
-        if forward:
-            terms.append(FlopTerm(name, depth * forward, split, matmul, recomputed))
+    def block(name: str, forward: float, split: Split, matmul: bool = True, recomputed: bool = False,
+              blocks: int = depth) -> None:
+        if forward and blocks:
+            terms.append(FlopTerm(name, blocks * forward, split, matmul, recomputed))
 
+    def relative(name: str, forward: float, split: Split, matmul: bool = True, recomputed: bool = False) -> None:
+        block(name, forward, split, matmul, recomputed, blocks=relative_blocks)
+
+    relative_sides = cfg.relative
+    scores_rel = "q" in relative_sides or "k" in relative_sides
     if cfg.attention == "translution":
-        relative = cfg.relative
-        block("bank projections (per pair)", len(relative) * 2 * pairs * c * inner, "pairs", recomputed=True)
-        block("plain q/k/v projections", (3 - len(relative)) * 2 * n * c * inner, "heads")
-        scores_rel = "q" in relative or "k" in relative
-        block("per-pair products (scores, values)",
-              (scores_rel + ("v" in relative)) * 2 * pairs * inner, "pairs", matmul=False)
-        block("dense attention products", ((not scores_rel) + ("v" not in relative)) * 2 * n * n * inner, "heads")
+        relative("bank projections (per pair)", len(relative_sides) * 2 * pairs * c * inner, "pairs", recomputed=True)
+        relative("plain q/k/v projections", (3 - len(relative_sides)) * 2 * n * c * inner, "heads")
+        relative("per-pair products (scores, values)",
+                 (scores_rel + ("v" in relative_sides)) * 2 * pairs * inner, "pairs", matmul=False)
+        relative("dense attention products",
+                 ((not scores_rel) + ("v" not in relative_sides)) * 2 * n * n * inner, "heads")
     elif cfg.attention == "alpha":
         low = d.heads * cfg.alpha_rank
-        block("bank projections (per pair)", 3 * 2 * pairs * low * low, "pairs", recomputed=True)
-        block("qkv and down projections", 2 * n * c * (3 * inner + 3 * low), "heads")
-        block("per-pair products (scores, values)", 2 * 2 * pairs * low, "pairs", matmul=False)
-        block("dense attention products", dense_products, "heads")
-        block("v_up projection", 2 * n * low * inner, "heads")
-    else:
-        block("qkv projection", 2 * n * c * 3 * inner, "heads")
-        block("dense attention products", dense_products, "heads")
-    block("out_proj", 2 * n * inner * c, "heads")
+        downs = 2 * scores_rel + ("v" in relative_sides)
+        relative("bank projections (per pair)", len(relative_sides) * 2 * pairs * low * low, "pairs", recomputed=True)
+        relative("qkv and down projections", 2 * n * c * (3 * inner + downs * low), "heads")
+        relative("per-pair products (scores, values)",
+                 (scores_rel + ("v" in relative_sides)) * 2 * pairs * low, "pairs", matmul=False)
+        relative("dense attention products", dense_products, "heads")
+        relative("v_up projection", ("v" in relative_sides) * 2 * n * low * inner, "heads")
+    plain_blocks = depth - relative_blocks  # self-attention: all blocks; a hybrid's plain blocks
+    hybrid = " (self-attention blocks)" if relative_blocks else ""
+    block(f"qkv projection{hybrid}", 2 * n * c * 3 * inner, "heads", blocks=plain_blocks)
+    block(f"dense attention products{hybrid}", dense_products, "heads", blocks=plain_blocks)
+    block("out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads")  # the identity otherwise
     block("feed-forward", 2 * 2 * n * c * d.mlp_dim, "heads")
     if cfg.arch == "gpt":
         terms.append(FlopTerm("head", 2 * n * c * cfg.vocab_size, "root", True))
     else:
-        patch_dim = cfg.patch_size ** 2 * cfg.channels
-        terms.append(FlopTerm("patch embedding", 2 * cfg.grid ** 2 * patch_dim * c, "root", True))
+        patch_h, patch_w = cfg.patch_hw
+        terms.append(FlopTerm("patch embedding", 2 * cfg.num_patches * patch_h * patch_w * cfg.channels * c, "root",
+                              True))
         terms.append(FlopTerm("head", 2 * c * cfg.num_classes, "root", True))
     return terms
 

@@ -23,8 +23,8 @@ class GPT(nn.Module):
         self.config = cfg
         dim = cfg.dims.dim
         self.token_embedding = nn.Embedding(cfg.vocab_size, dim)
-        learned = cfg.resolved_position == "learned"
-        self.pos_embedding = nn.Embedding(cfg.context_length, dim) if learned else None
+        self.pos_embedding = nn.Embedding(cfg.context_length, dim) if cfg.learned_position else None
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.encoder = Encoder(cfg, cfg.layout(), causal=True)
         self.final_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, cfg.vocab_size, bias=False)
@@ -41,4 +41,4 @@ class GPT(nn.Module):
         x = self.token_embedding(tokens)
         if self.pos_embedding is not None:
             x = x + self.pos_embedding(torch.arange(n, device=tokens.device))
-        return self.head(self.final_norm(self.encoder(x)))
+        return self.head(self.final_norm(self.encoder(self.emb_dropout(x))))
