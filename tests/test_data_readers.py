@@ -1,4 +1,4 @@
-"""Readers: rank/worker splits, equal epoch lengths, corrupt shards, exact resume, evaluation coverage.
+"""Readers: the global order, rank/worker slices, equal epoch lengths, corrupt shards, exact resume, evaluation.
 
 Most tests read real tar shards whose sample ``k`` is the token window ``[k, k, k]``, so a
 batch's ``inputs[:, 0]`` names the samples it holds.
@@ -18,8 +18,9 @@ import torch
 import torch.multiprocessing as mp
 
 from translution_dist.data import IGNORE_INDEX, DataConfig, SyntheticConfig, build_dataloader, build_mnist_shards
-from translution_dist.data.plan import make_plan, pieces
-from translution_dist.data.shards import SplitWriter, write_index
+from translution_dist.data.order import EpochOrder
+from translution_dist.data.shards import SplitWriter, load_index, write_index
+from translution_dist.data.sources import Counters, TarSource
 
 WINDOW = 3
 
@@ -59,22 +60,25 @@ def ids(batches: list) -> list[int]:
     return [int(k) for inputs, _ in batches for k in inputs[:, 0]]
 
 
-def test_plan_splits_ranks_and_streams_into_disjoint_ranges():
-    plans = [
-        make_plan([45] * 4 + [23], rank=r, ranks=2, streams=2, batch_size=8, samples_per_epoch=None, train=True)
-        for r in range(2)
-    ]
-    assert [p.batches for p in plans] == [12, 12]
-    assert plans[0].per_stream == (6, 6)
-    ranges = [r for p in plans for r in p.ranges]
-    assert ranges == [(0, 48), (48, 96), (101, 149), (149, 197)]
-    assert pieces([2, 0, 1], [10, 10, 10], 5, 25) == [(2, 5, 10), (0, 0, 10), (1, 0, 5)]
+def test_epoch_order_is_a_seeded_permutation_shuffled_in_windows():
+    counts = [45] * 4 + [23]
+    order = EpochOrder(counts, seed=3, epoch=0, shuffle=True, shuffle_buffer=16)
+    first = order.ids(0, 203)
+    assert sorted(first) == list(range(203)) and first != list(range(203))
+    assert sorted(order.ids(203, 406)) == list(range(203)) and order.ids(203, 406) != first, "cycle 1: a new permutation"
+    for window in range(0, 203, 16):  # a window holds consecutive positions of the shard order: 2 shards at most
+        assert len({order.locate(i)[0] for i in first[window : window + 16]}) <= 2
+    assert EpochOrder(counts, seed=3, epoch=0, shuffle=True, shuffle_buffer=16).ids(0, 203) == first
+    assert EpochOrder(counts, seed=3, epoch=1, shuffle=True, shuffle_buffer=16).ids(0, 203) != first
+    assert EpochOrder(counts, seed=3, epoch=0, shuffle=False, shuffle_buffer=16).ids(0, 203) == list(range(203))
+    assert order.locate(0) == (0, 0) and order.locate(46) == (1, 1) and order.locate(202) == (4, 22)
     with pytest.raises(ValueError, match="batch_size=64 exceeds"):
-        make_plan([50], rank=0, ranks=1, streams=1, batch_size=64, samples_per_epoch=None, train=True)
+        build_dataloader(DataConfig(synthetic=SyntheticConfig(samples=50)), split="train", dp_rank=0, dp_size=1,
+                         batch_size=64, seed=0)
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_two_workers_get_equal_disjoint_streams(tmp_path):
+def test_two_ranks_two_workers_get_equal_disjoint_slices(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=203, per_shard=45)
     epochs = [run_epoch(path, rank=r, ranks=2, num_workers=2, shuffle_buffer=16) for r in range(2)]
     assert [len(e) for e in epochs] == [12, 12]
@@ -94,15 +98,15 @@ def test_fewer_shards_than_ranks_times_workers(tmp_path):
     seen = ids(epochs[0]) + ids(epochs[1])
     assert len(set(seen)) == len(seen) == 48
     longer = [run_epoch(path, rank=r, ranks=2, batch_size=4, num_workers=2, samples_per_epoch=90) for r in range(2)]
-    assert [len(e) for e in longer] == [22, 22], "streams cycle past their share instead of running dry"
+    assert [len(e) for e in longer] == [22, 22], "the order cycles past the split instead of running dry"
 
 
 @pytest.mark.multiprocess
 def test_batches_do_not_depend_on_num_workers(tmp_path):
     path = write_id_shards(tmp_path / "d", samples=100, per_shard=20)
-    by_workers = [ids(run_epoch(path, num_workers=w, streams_per_rank=2, seed=5)) for w in (0, 1, 2)]
+    by_workers = [ids(run_epoch(path, num_workers=w, seed=5, shuffle_buffer=30)) for w in (0, 1, 2)]
     assert by_workers[0] == by_workers[1] == by_workers[2]
-    assert ids(run_epoch(path, streams_per_rank=2, seed=6)) != by_workers[0]
+    assert ids(run_epoch(path, seed=6, shuffle_buffer=30)) != by_workers[0]
 
 
 @pytest.mark.multiprocess
@@ -135,7 +139,7 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path, caplog):
 
 @pytest.mark.multiprocess
 def test_resume_replays_exactly_the_unseen_batches(tmp_path):
-    path = write_id_shards(tmp_path / "d", samples=150, per_shard=25, corrupt=(30, 111))
+    path = write_id_shards(tmp_path / "d", samples=150, per_shard=25, corrupt=(*range(30, 38), 111))
     cfg = DataConfig(kind="text", path=path, num_workers=2, shuffle_buffer=16)
 
     def build():
@@ -163,22 +167,28 @@ def test_resume_replays_exactly_the_unseen_batches(tmp_path):
             assert torch.equal(a, c) and torch.equal(b, d)
 
 
-def test_state_must_match_the_loader(tmp_path):
+def test_state_must_match_the_order(tmp_path, caplog):
     path = write_id_shards(tmp_path / "d", samples=40, per_shard=10)
-    loader, state = build_dataloader(
-        DataConfig(kind="text", path=path), split="train", dp_rank=0, dp_size=1, batch_size=4, seed=0
-    )
+
+    def build(seed: int):
+        return build_dataloader(DataConfig(kind="text", path=path), split="train", dp_rank=0, dp_size=1,
+                                batch_size=4, seed=seed)
+
+    loader, state = build(0)
     next(iter(loader))
     saved = state.state_dict()
-    _, other = build_dataloader(
-        DataConfig(kind="text", path=path), split="train", dp_rank=0, dp_size=1, batch_size=5, seed=0
-    )
-    with pytest.raises(ValueError, match="batch_size: saved 4, now 5"):
+    assert saved["consumed"] == 4
+    _, other = build(1)
+    with pytest.raises(ValueError, match="seed: saved 0, now 1"):
         other.load_state_dict(saved)
-    assert (other.epoch, other.batch) == (0, 0)
-    saved["epoch"] = 3
-    other.load_state_dict(saved, strict=False)
-    assert (other.epoch, other.batch) == (3, 0)
+    assert (other.epoch, other.consumed) == (0, 0)
+    other.load_state_dict({**saved, "epoch": 3}, strict=False)
+    assert (other.epoch, other.consumed) == (3, 0) and "epoch 3 restarts from its first sample" in caplog.text
+    old = {"version": 1, "epoch": 2, "batch": 5, "stream_positions": [20], "fingerprint": {"seed": 0}}
+    with pytest.raises(ValueError, match="data state version 1"):
+        state.load_state_dict(old)
+    state.load_state_dict(old, strict=False)
+    assert (state.epoch, state.consumed) == (2, 0) and "per-rank stream positions" in caplog.text
 
 
 def test_evaluation_covers_each_sample_once(tmp_path):
@@ -186,7 +196,7 @@ def test_evaluation_covers_each_sample_once(tmp_path):
     counted, lengths = [], []
     for rank in range(2):
         loader, _ = build_dataloader(
-            DataConfig(kind="text", path=path, streams_per_rank=2),
+            DataConfig(kind="text", path=path),
             split="train",
             dp_rank=rank,
             dp_size=2,
@@ -201,6 +211,20 @@ def test_evaluation_covers_each_sample_once(tmp_path):
     assert sorted(counted) == list(range(203))
     first = next(iter(loader))
     assert torch.equal(first[0], next(iter(loader))[0]), "every evaluation pass starts at its first batch"
+
+
+def test_reading_by_position_gives_webdatasets_samples(tmp_path):
+    """The tar index (header scan, then one seek per sample) yields what webdataset's streaming reader does."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    out = tmp_path / "mnist"
+    build_mnist_shards(out, train_samples=30, test_samples=10, samples_per_shard=12)
+    shards = load_index(out)["splits"]["train"]["shards"]
+    source = TarSource(out, shards)
+    for shard, entry in enumerate(shards):
+        with open(out / entry["file"], "rb") as stream:
+            streamed = list(group_by_keys(tar_file_expander([{"url": str(out / entry["file"]), "stream": stream}])))
+        assert [source.get(shard, i, Counters()) for i in range(entry["samples"])] == streamed
 
 
 def test_mnist_batches_are_normalised_images(tmp_path):
@@ -243,9 +267,9 @@ def test_config_is_strict():
         DataConfig(kind="synthetic", shuffle=True)
     with pytest.raises(pydantic.ValidationError, match=r"data\.path is required"):
         DataConfig(kind="mnist")
-    with pytest.raises(pydantic.ValidationError, match="must divide"):
+    with pytest.raises(pydantic.ValidationError, match="data.streams_per_rank is no longer a setting"):
         DataConfig(num_workers=2, streams_per_rank=3)
-    assert DataConfig(num_workers=2).streams == 2 and DataConfig().streams == 1
+    assert DataConfig(streams_per_rank=None) == DataConfig(), "configs dumped by earlier versions still load"
 
 
 def _spawned_rank(rank: int, path: str, out: str) -> None:

@@ -42,8 +42,8 @@ CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
     "bad checkpoint-error policy": (["train", GOOD, "train.on_checkpoint_error=retry"],
                                     ["train.on_checkpoint_error", "'retry'"], {}),
     "data path missing for kind": (["train", GOOD, "data.kind=mnist"], ["data.path is required for kind='mnist'"], {}),
-    "workers not dividing streams": (["train", GOOD, "data.num_workers=3", "data.streams_per_rank=4"],
-                                     ["must divide data.streams_per_rank=4"], {}),
+    "removed data setting": (["train", GOOD, "data.streams_per_rank=4"],
+                             ["data.streams_per_rank is no longer a setting", "delete the line"], {}),
     # overrides
     "override without =": (["train", GOOD, "train.steps"], ["expected KEY=VALUE"], {}),
     "override into a value": (["train", GOOD, "run.name.first=x"], ["'run.name' is not a section"], {}),

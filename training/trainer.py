@@ -131,15 +131,20 @@ class Trainer:
         self.backend.load_scheduler_state(restored.meta["scheduler"])
         if restored.rank_state is not None:
             set_rng_state(restored.rank_state["rng"])
-            self.train_state.load_state_dict(restored.rank_state["data"], strict=False)
+        # The data position is global (meta.json); checkpoints before it kept one per rank.
+        data = restored.meta.get("data") or (restored.rank_state or {}).get("data")
+        if data is not None:
+            self.train_state.load_state_dict(data, strict=False)
         else:
-            epoch = restored.step * self.cfg.train.grad_accum // self.train_state.batches_per_epoch
+            log.warning("checkpoint %s holds no data position readable at world size %s (it was written at %s, "
+                        "before positions were global): the data starts at epoch 0",
+                        path, self.ctx.world_size, restored.meta.get("world_size"))
+        if restored.rank_state is None:
             log.warning("checkpoint %s was written at world size %s, now %s: parameters and optimizer are "
-                        "resharded; the data streams restart at the start of epoch %d",
-                        path, restored.meta.get("world_size"), self.ctx.world_size, epoch)
-            self.train_state.epoch = epoch
+                        "resharded; the data resumes at %s", path, restored.meta.get("world_size"),
+                        self.ctx.world_size, self.train_state.describe())
         if self.ctx.is_main:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d, data at %s", path, self.step, self.train_state.describe())
         run_id_file = self.run_dir / "mlflow_run_id"
         return run_id_file.read_text().strip() if run_id_file.exists() else None
 
@@ -149,8 +154,9 @@ class Trainer:
         """Write a checkpoint; a failed one stops the run unless train.on_checkpoint_error=continue and more follow."""
         self.phase = f"checkpoint step {self.step}"
         meta = {"scheduler": self.backend.scheduler_state(), "layout": self.ctx.dims.tag(self.cfg.model.bank_chunks),
-                "config": json.loads(json.dumps(self.cfg.model_dump(mode="json")))}
-        rank_state = {"rng": rng_state(), "data": self.train_state.state_dict()}
+                "config": json.loads(json.dumps(self.cfg.model_dump(mode="json"))),
+                "data": self.train_state.state_dict()}  # the same on every rank, read at any world size
+        rank_state = {"rng": rng_state()}
 
         def save_state(directory: Path):
             return self.backend.save_state(directory, self.cfg.train.async_checkpoint)

@@ -4,17 +4,19 @@ Trainer entry point::
 
     loader, state = build_dataloader(cfg.data, split="train", dp_rank=r, dp_size=n,
                                      batch_size=b, seed=s)
-    state.load_state_dict(ckpt["data"])          # per rank, when resuming
+    state.load_state_dict(ckpt["data"])          # when resuming, under any layout
     for inputs, targets in loader:               # the rest of the current epoch
         ...
         log(state.metrics())                     # skipped shards/samples, epoch
-    ckpt["data"] = state.state_dict()
+    ckpt["data"] = state.state_dict()            # the same on every rank
 
 * ``dp_rank``/``dp_size`` are the data-parallel coordinates (tensor-parallel peers pass
   the same ones and get the same batches); nothing is read from the environment.
-* Every rank yields exactly ``len(loader)`` batches per epoch, whatever the number of
-  shards and workers; the batches depend on (seed, epoch, rank, streams), not on
-  ``num_workers``, and a restored state replays exactly the batches not yet seen.
+* An epoch is one global sample order (seed, epoch; never ranks or workers); each global
+  batch is its next ``dp_size x batch_size`` samples, rank ``r`` taking the ``r``-th slice.
+  Every rank yields the same number of batches, whatever the number of shards and
+  workers, and a restored state resumes at exactly the next sample under any world size
+  or layout: nothing is replayed or skipped.
 * Batches: images ``float32 [B, C, S, S]`` with ``int64 [B]`` labels; text ``int64
   [B, T]`` inputs and targets. Evaluation (``train=False``, default for splits other
   than ``train``) reads in order, each ``iter`` from the first batch, and covers the

@@ -8,7 +8,7 @@ processes); a real run sets ``kind`` and ``path`` to a directory written by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, model_validator
 
@@ -33,7 +33,7 @@ class SyntheticConfig(BaseModel):
 
 
 class DataConfig(BaseModel):
-    """Where the samples come from and how each data-parallel rank streams them."""
+    """Where the samples come from and how they are read."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,17 +41,17 @@ class DataConfig(BaseModel):
     path: Path | None = None
     """Directory holding ``index.json`` and the shards (not used by ``synthetic``)."""
     num_workers: NonNegativeInt = 0
-    """DataLoader worker processes per rank (0: read in the training process)."""
-    streams_per_rank: PositiveInt | None = None
-    """Independent sample streams per rank; batch ``i`` comes from stream ``i % streams``.
-    Batch contents depend on this number, not on ``num_workers``, which must divide it.
-    ``None``: ``max(1, num_workers)``."""
+    """DataLoader worker processes per rank (0: read in the training process); batch ``i``
+    is made by worker ``i % num_workers``, and batch contents do not depend on this number."""
     samples_per_epoch: PositiveInt | None = None
-    """Samples per rank per epoch when training (``None``: the split's size divided by the
-    data-parallel size). Evaluation reads the first ``samples_per_epoch * dp_size`` samples
-    of the split (``None``: all of them)."""
+    """Samples per rank per epoch when training (``None``: the whole split, over all ranks):
+    an epoch's global order holds ``samples_per_epoch * dp_size`` samples, continuing into a
+    fresh permutation of the split when that is more. The length is fixed when the epoch
+    starts and kept when a run resumes under another data-parallel size. Evaluation reads the
+    first ``samples_per_epoch * dp_size`` samples of the split (``None``: all of them)."""
     shuffle_buffer: NonNegativeInt = 1000
-    """Samples held by each stream's shuffle buffer when training (0 or 1: shard order only)."""
+    """Training shuffles the samples inside consecutive windows of this many positions of the
+    shard order, seeded by (seed, epoch, window) alone (0 or 1: shard order only)."""
     normalize: bool = True
     """Subtract the training split's mean and divide by its std (recorded in ``index.json``)."""
     worker_start_method: Literal["fork", "forkserver", "spawn"] | None = None
@@ -63,18 +63,22 @@ class DataConfig(BaseModel):
     """Batches each worker prepares ahead."""
     synthetic: SyntheticConfig = SyntheticConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        """Refuse ``streams_per_rank``; its ``null`` default, in configs dumped by earlier versions
+        (checkpoints, rendered manifests), meant nothing and is dropped."""
+        if not isinstance(data, dict) or "streams_per_rank" not in data:
+            return data
+        if data["streams_per_rank"] is not None:
+            raise ValueError(
+                "data.streams_per_rank is no longer a setting: every rank cuts its batches from one global "
+                "sample order, so batches do not depend on streams or workers; delete the line"
+            )
+        return {k: v for k, v in data.items() if k != "streams_per_rank"}
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.kind != "synthetic" and self.path is None:
             raise ValueError(f"data.path is required for kind={self.kind!r}: the directory with index.json")
-        if self.num_workers and self.streams % self.num_workers:
-            raise ValueError(
-                f"data.num_workers={self.num_workers} must divide data.streams_per_rank={self.streams}: "
-                "each worker serves whole streams so that batches keep their order"
-            )
         return self
-
-    @property
-    def streams(self) -> int:
-        """The number of sample streams per rank."""
-        return self.streams_per_rank or max(1, self.num_workers)

@@ -1,77 +1,67 @@
-"""The per-rank iterable dataset: deterministic batches, in order, from any number of workers.
+"""The per-rank iterable dataset: one rank's slice of each global batch, from any number of workers.
 
-Batch ``i`` of an epoch is made by stream ``i % S`` from its own sample stream (see
-:mod:`translution_dist.data.plan`), so its content depends on (seed, epoch, rank, S)
-only. DataLoader worker ``d`` of ``W`` (``W`` divides ``S``) makes the batches
-``start + d, start + d + W, ...``; the DataLoader's round-robin over workers with
-in-order delivery then hands them out as ``start, start + 1, ...`` -- the same sequence
-with 0, 1 or ``S`` workers. Each batch carries metadata (its index, its stream's raw
-position, skip counts) that :class:`~translution_dist.data.loader.ResumableLoader`
-strips off to keep the resumable state.
+A global batch is ``G = ranks x batch_size`` consecutive samples of the epoch's order
+(:mod:`translution_dist.data.order`); after ``S`` samples of the epoch, the next one is
+``order[S : S + G]`` and rank ``r`` takes ``order[S + r*b : S + (r+1)*b]``. Batch ``i`` of an
+iteration is made by DataLoader worker ``i % W``; the DataLoader's round-robin with in-order
+delivery hands the batches out as ``0, 1, 2, ...`` -- the same batches with 0, 1 or ``W`` workers.
+Each batch carries metadata (its first sample's place in the epoch, skip counts, its sample
+ids) that :class:`~translution_dist.data.loader.ResumableLoader` strips off.
+
+An unreadable sample (damaged shard, failed decode) keeps its slot: it is filled with a copy of
+a readable sample of the same batch whose target is ``IGNORE_INDEX``, so batch shapes and the
+samples consumed never change. A batch with no readable sample takes the next readable samples
+of the order instead; none among the following ``_SCANNED_BATCHES`` batches' worth is an error.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import webdataset as wds
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from translution_dist.data.decode import DECODE_ERRORS, Decoder
-from translution_dist.data.plan import Plan, pieces, shard_order
+from translution_dist.data.order import EpochOrder
 from translution_dist.data.sources import Counters, Source
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-"""Target of evaluation samples that repeat an already counted one (``F.cross_entropy``'s default)."""
+"""Target of samples that only fill a slot: copies, evaluation padding (``F.cross_entropy``'s default)."""
 
-_EMPTY_PASSES = 3
+_SCANNED_BATCHES = 3
+
+Sample = tuple[Tensor, Tensor]
 
 
 @dataclass(frozen=True)
 class Position:
-    """Where an epoch resumes: batches already consumed and each stream's raw samples read."""
+    """Where an iteration starts: the epoch, its samples already consumed, and its length in samples."""
 
     epoch: int
-    batch: int
-    stream_positions: tuple[int, ...]
+    consumed: int
+    length: int
 
 
-class _Stream:
-    """One stream's samples with a count of how many were taken (skipped corrupt ones included)."""
+class RankBatches(IterableDataset):
+    """Yields ``(inputs, targets, meta)``: rank ``rank``'s batches for the rest of one epoch.
 
-    def __init__(self, samples: Iterator[tuple[dict[str, Any], int]], position: int) -> None:
-        self.samples = itertools.islice(samples, position, None)
-        self.position = position
-
-    def take(self) -> tuple[dict[str, Any], int]:
-        self.position += 1
-        return next(self.samples)
-
-
-class ShardStream(IterableDataset):
-    """Yields ``(inputs, targets, meta)`` batches of one data-parallel rank for one epoch.
-
-    ``train`` shuffles (shard order per epoch and cycle, plus a per-stream buffer);
-    otherwise samples are read in order and those past a stream's range (repeats that
-    only pad the last batches) get ``IGNORE_INDEX`` targets.
+    ``train`` shuffles (see :class:`EpochOrder`) and yields the whole global batches left, dropping a
+    tail shorter than one; evaluation reads in order and pads the last global batch with repeats
+    whose targets are ``IGNORE_INDEX``, so each sample counts once.
     """
 
     def __init__(
         self,
         source: Source,
         decoder: Decoder,
-        plan: Plan,
         *,
         rank: int,
+        ranks: int,
         batch_size: int,
         seed: int,
         shuffle_buffer: int,
@@ -79,79 +69,82 @@ class ShardStream(IterableDataset):
     ) -> None:
         self.source = source
         self.decoder = decoder
-        self.plan = plan
         self.rank = rank
         self.batch_size = batch_size
+        self.global_batch = ranks * batch_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.train = train
-        self.resume_from = Position(0, 0, (0,) * len(plan.per_stream))
+        self.start = Position(0, 0, 0)
 
-    def __len__(self) -> int:
-        return self.plan.batches
+    def batches(self, position: Position) -> int:
+        """Global batches an iteration from ``position`` yields."""
+        if self.train:
+            return (position.length - position.consumed) // self.global_batch
+        return -(-(position.length - position.consumed) // self.global_batch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.resume_from
-        streams_count = len(self.plan.per_stream)
-        counters, reported = Counters(), Counters()
-        streams: dict[int, _Stream] = {}
-        for i in range(start.batch + worker, self.plan.batches, workers):
-            s = i % streams_count
-            if s not in streams:
-                samples = self._samples(start.epoch, s, counters)
-                streams[s] = _Stream(samples, start.stream_positions[s])
-            inputs, targets = self._batch(streams[s], counters)
-            meta = torch.tensor(
-                [
-                    i,
-                    streams[s].position,
-                    counters.skipped_shards - reported.skipped_shards,
-                    counters.skipped_samples - reported.skipped_samples,
-                ]
-            )
-            reported = Counters(counters.skipped_shards, counters.skipped_samples)
+        start = self.start
+        order = EpochOrder(self.source.counts, seed=self.seed, epoch=start.epoch, shuffle=self.train,
+                           shuffle_buffer=self.shuffle_buffer)
+        for i in range(worker, self.batches(start), workers):
+            first = start.consumed + i * self.global_batch
+            counters = Counters()
+            ids, samples = self._batch(order, first + self.rank * self.batch_size, start.length, counters)
+            inputs, targets = map(torch.stack, zip(*samples))
+            meta = torch.tensor([first, counters.skipped_shards, counters.skipped_samples, *ids])
             yield inputs, targets, meta
 
-    def _batch(self, stream: _Stream, counters: Counters) -> tuple[Tensor, Tensor]:
-        inputs, targets = [], []
-        while len(inputs) < self.batch_size:
-            sample, cycle = stream.take()
-            try:
-                x, y = self.decoder(sample)
-            except DECODE_ERRORS as exc:
+    def _batch(self, order: EpochOrder, first: int, length: int, counters: Counters) -> tuple[list[int], list[Sample]]:
+        """The sample ids at ``order[first : first + batch_size]`` and their samples, unreadable slots filled."""
+        positions = range(first, first + self.batch_size)
+        ids = [order[k % length] for k in positions]
+        slots = []
+        for k, sample_id in zip(positions, ids):
+            sample = self._read(order, sample_id, counters)
+            if sample is not None and k >= length:  # evaluation padding
+                sample = _ignored(sample)
+            if sample is None and k < length:
                 counters.skipped_samples += 1
-                log.warning("skipping sample %s: %s: %s", sample.get("__key__"), type(exc).__name__, exc)
-                continue
-            if cycle > 0 and not self.train:
-                y = torch.full_like(y, IGNORE_INDEX)
-            inputs.append(x)
-            targets.append(y)
-        return torch.stack(inputs), torch.stack(targets)
+            slots.append(sample)
+        readable = [s for s in slots if s is not None]
+        if not readable:
+            readable = self._borrow(order, first + self.batch_size, length, counters)
+            slots = readable[: self.batch_size] + [None] * (self.batch_size - len(readable))
+        return ids, [s if s is not None else _ignored(readable[j % len(readable)]) for j, s in enumerate(slots)]
 
-    def _samples(self, epoch: int, stream: int, counters: Counters) -> Iterator[tuple[dict[str, Any], int]]:
-        """Endless ``(raw sample, cycle)`` of one stream: its range in cycle 0, 1, 2, ..."""
-        lo, hi = self.plan.ranges[stream]
-        empty = 0
-        for cycle in itertools.count():
-            order = shard_order(len(self.source.counts), seed=self.seed, epoch=epoch, cycle=cycle, shuffle=self.train)
-            samples = (
-                sample
-                for shard, a, b in pieces(order, self.source.counts, lo, hi)
-                for sample in self.source.read(shard, a, b, counters)
+    def _borrow(self, order: EpochOrder, start: int, length: int, counters: Counters) -> list[Sample]:
+        """Readable samples after a batch that has none; in training they are trained on (an all-ignored batch has
+        no loss), in evaluation they only fill (counted at their own place)."""
+        found: list[Sample] = []
+        for k in range(start, start + _SCANNED_BATCHES * self.batch_size):
+            sample = self._read(order, order[k % length], counters)
+            if sample is not None:
+                found.append(sample if self.train else _ignored(sample))
+                if len(found) == self.batch_size:
+                    break
+        if not found:
+            raise RuntimeError(
+                f"rank {self.rank}: samples {start - self.batch_size}..{start + _SCANNED_BATCHES * self.batch_size - 1} "
+                f"of epoch {order.epoch} are all unreadable: the shards holding them are damaged; "
+                "check them with `translution data inspect`"
             )
-            if self.train and self.shuffle_buffer > 1:
-                rng = random.Random(f"buffer:{self.seed}:{epoch}:{cycle}:{self.rank}:{stream}")
-                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-            read = 0
-            for sample in samples:
-                read += 1
-                yield sample, cycle
-            empty = 0 if read else empty + 1
-            if empty == _EMPTY_PASSES:
-                raise RuntimeError(
-                    f"rank {self.rank} stream {stream} read no sample in {_EMPTY_PASSES} passes over "
-                    f"its share (samples {lo}..{hi} of each pass): its shards are unreadable; "
-                    "check them with `translution data inspect`"
-                )
+        return found
+
+    def _read(self, order: EpochOrder, sample_id: int, counters: Counters) -> Sample | None:
+        shard, index = order.locate(sample_id)
+        sample = self.source.get(shard, index, counters)
+        if sample is None:
+            return None
+        try:
+            return self.decoder(sample)
+        except DECODE_ERRORS as exc:
+            log.warning("skipping sample %s: %s: %s", sample.get("__key__"), type(exc).__name__, exc)
+            return None
+
+
+def _ignored(sample: Sample) -> Sample:
+    x, y = sample
+    return x, torch.full_like(y, IGNORE_INDEX)
