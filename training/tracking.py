@@ -28,14 +28,29 @@ MAX_RETRY_INTERVAL_S = 300.0
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+def sqlite_uri(path: Path) -> str:
+    """The ``sqlite:///`` URI of a database file.
+
+    SQLAlchemy unquotes the path of a URI and cuts it at ``?``, so a directory named ``a%41``
+    or ``a?b`` would otherwise open ``aA`` or ``a``: a store at the wrong place, or an error.
+    Only those two characters are quoted: MLflow makes the store's directory from the URI
+    without unquoting it, so every quoted character leaves it an empty directory of that name.
+    """
+    return "sqlite:///" + str(path).replace("%", "%25").replace("?", "%3F")
+
+
 def default_tracking_uri(output_dir: Path) -> str:
     """``$MLFLOW_TRACKING_URI``, else an embedded SQLite store beside the runs."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(output_dir.resolve() / "mlflow.db")
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    """The database file of an embedded ``sqlite:///`` store; ``None`` for a server."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The database file of an embedded ``sqlite:///`` store, read as SQLAlchemy reads it; ``None`` for a server."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    return Path(make_url(uri).database)
 
 
 def create_sqlite_store(uri: str) -> None:
@@ -55,7 +70,7 @@ def create_sqlite_store(uri: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     private = path.with_name(f".{path.name}.{os.getpid()}.creating")
     try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{private}").search_experiments()  # runs the migrations
+        mlflow.MlflowClient(tracking_uri=sqlite_uri(private)).search_experiments()  # runs the migrations
         try:
             os.link(private, path)
         except FileExistsError:
