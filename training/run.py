@@ -29,6 +29,7 @@ from parallelism.materialize import materialize
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
+from training.provenance import keep_tokenizer
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
 from training.torch_backend import TorchBackend
@@ -123,7 +124,7 @@ def build_loaders(cfg: Config, ctx: DistContext) -> dict:
 
 
 def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
-    """Create and lock the run directory and record the resolved config (rank 0), before any state is written.
+    """Create and lock the run directory and record the resolved config and tokenizer (rank 0), before any state.
 
     A directory that cannot be written, or that another live run holds, is a config error on
     every rank (exit code 2), found before training. Rank 0 gets the lock to release at the end.
@@ -135,6 +136,7 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
             lock = RunDirectoryLock(cfg.run_dir)
             lock.acquire()
             (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+            keep_tokenizer(cfg.data, cfg.run_dir)
         except RunDirectoryLocked as err:
             lock = None
             error = (f"run.name: {err}; two runs in one directory would overwrite each other's checkpoints: wait "
