@@ -1,6 +1,7 @@
 """What a run leaves in MLflow, read back from a real server on loopback: its data sets (training and
 evaluation), the tokenizer beside the model, every resumed segment, the code's commit and whether it
-was dirty; and an embedded store under an awkward ``run.output_dir``."""
+was dirty; an embedded store under an awkward ``run.output_dir``; and ``translution generate`` on a
+real tiny text run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import mlflow
 import pytest
 import yaml
 
+from launcher.cli import main
 from reliability.harness import MlflowServer, run, train_cmd, write_config
 from training.provenance import git_state
 from training.tracking import Tracker, default_tracking_uri, sqlite_uri
@@ -68,6 +70,11 @@ def test_git_state_says_commit_and_dirty_and_never_fails(tmp_path, monkeypatch):
     assert git_state(tmp_path / "plain") == unknown  # not a repository
     monkeypatch.setenv("PATH", str(tmp_path / "no-binaries"))
     assert git_state(repo) == unknown
+
+
+def test_generate_refuses_a_path_that_is_no_run(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "hello"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
 
 
 # -- real runs on a real server ----------------------------------------------------------------------
@@ -156,3 +163,24 @@ def test_every_resumed_segment_is_recorded(tmp_path, server):
     synthetic = {d.dataset.name: d.dataset for d in found.inputs.dataset_inputs}
     assert set(synthetic) == {"synthetic-image/train", "synthetic-image/test"}
     assert json.loads(synthetic["synthetic-image/train"].source)["tags"]["config"]["samples"] == 256
+
+
+@pytest.mark.multiprocess
+def test_generate_samples_the_requested_tokens_deterministically(text_run, capsys):
+    run_dir, data, _ = text_run
+
+    def generate(seed: int) -> dict:
+        argv = ["generate", str(run_dir), "--prompt", "displacement bank", "--max-new-tokens", "9",
+                "--temperature", "0.8", "--top-k", "20", "--seed", str(seed), "--json"]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = generate(seed=3)
+    assert len(first["ids"]) == 9 and first["step"] == 4 and first["text"].startswith("displacement bank")
+    assert generate(seed=3) == first
+    assert all(0 <= i < GPT["vocab_size"] for i in first["ids"])
+    moved = data.rename(data.with_name("moved"))  # the run keeps its own tokenizer: the data set may go
+    try:
+        assert generate(seed=3) == first
+    finally:
+        moved.rename(data)
