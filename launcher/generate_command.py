@@ -13,12 +13,7 @@ from pathlib import Path
 
 from launcher.ckpt_command import checkpoint_errors, say_which
 from launcher.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
+from launcher.launch_command import positive_int
 
 
 def _temperature(text: str) -> float:
@@ -37,11 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run", type=Path, metavar="RUN",
                         help="run directory, its checkpoints/ directory, or one step_XXXXXXXX/ checkpoint")
     parser.add_argument("--prompt", required=True, help="text the sample continues")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=50, metavar="N",
+    parser.add_argument("--max-new-tokens", type=positive_int, default=50, metavar="N",
                         help="tokens to generate (default 50)")
     parser.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
                         help="softmax temperature (default 1; 0: the most likely token each time)")
-    parser.add_argument("--top-k", type=_positive_int, metavar="K", help="draw only from the K most likely tokens")
+    parser.add_argument("--top-k", type=positive_int, metavar="K", help="draw only from the K most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
     parser.add_argument("--json", action="store_true", help="print the token ids and text as JSON")
     parser.set_defaults(func=run)

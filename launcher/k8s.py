@@ -214,7 +214,7 @@ def mlflow(s: _Settings) -> list[dict[str, Any]]:
     """A tracking server behind a login (SQLite store, artifacts and users on its own PVC), reachable by the trainers only."""
     name = f"{s.name}-mlflow"
     labels = _labels(s, "mlflow")
-    auth_config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(s, f"{name}-auth", "mlflow"),
+    auth_config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(s, f"{name}-auth-config", "mlflow"),
                    "data": {AUTH_CONFIG_FILE: basic_auth_ini("sqlite:////mlflow/basic_auth.db")}}
     container = {
         "name": "mlflow",
@@ -252,7 +252,7 @@ def mlflow(s: _Settings) -> list[dict[str, Any]]:
                 "securityContext": _pod_security(),
                 "containers": [container],
                 "volumes": [{"name": "mlflow", "persistentVolumeClaim": {"claimName": name}},
-                            {"name": "auth-config", "configMap": {"name": f"{name}-auth"}},
+                            {"name": "auth-config", "configMap": {"name": f"{name}-auth-config"}},
                             *_scratch_volumes()]}},
         },
     }
