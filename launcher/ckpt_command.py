@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 @contextmanager
-def _usage_errors() -> Iterator[None]:
+def checkpoint_errors() -> Iterator[None]:
     """What the tools refuse (missing path, incomplete or corrupted checkpoint, unwritable output) exits 2.
 
     The tools' modules are imported here, on use, so that other commands do not load them.
@@ -91,7 +91,7 @@ def _usage_errors() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
-def _say_which(located: Located) -> None:
+def say_which(located: Located) -> None:
     """Name the checkpoint picked from a directory, and why newer ones were passed over."""
     if located.chosen_from is not None:
         print(f"using {located.path} (the newest good checkpoint in {located.chosen_from})", file=sys.stderr)
@@ -103,7 +103,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from training.checkpoint.inspection import describe, format_report
     from training.checkpoint.locate import locate
 
-    with _usage_errors():
+    with checkpoint_errors():
         report = describe(locate(args.path, verify_checksums=args.verify))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -118,10 +118,10 @@ def run_export(args: argparse.Namespace) -> int:
     from training.checkpoint.inspection import human_bytes
     from training.checkpoint.locate import locate
 
-    with _usage_errors():
+    with checkpoint_errors():
         check_target(args.out)  # before hashing a possibly huge checkpoint
         located = locate(args.path)
-        _say_which(located)
+        say_which(located)
         result = export(located, args.out, official=args.official, query_projection=args.query_projection,
                         dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     names = f"official {args.official} names" if args.official else "translution_dist names"
@@ -140,10 +140,10 @@ def run_reshard(args: argparse.Namespace) -> int:
     if not overrides:
         raise UsageError("nothing to change: give --bank-chunks N (dp/tp/dispp and world-size changes need no "
                          "reshard: the loader does them on resume)")
-    with _usage_errors():
+    with checkpoint_errors():
         check_target(args.out)
         located = locate(args.path)
-        _say_which(located)
+        say_which(located)
         result = reshard(located, args.out, overrides)
     before, after = result.bank_chunks
     print(f"wrote {result.checkpoint} (step {located.step}, world size {located.meta.get('world_size')}): "

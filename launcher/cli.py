@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "launcher.plan_command",
     "launcher.k8s_command",
     "launcher.ckpt_command",
+    "launcher.generate_command",
 )
 
 

@@ -15,6 +15,13 @@ overrides applied) comes from a ConfigMap, and ``launch`` reads the pod's topolo
 environment and starts torchrun with ``procs_per_node`` processes running ``train``. A pod
 that ran ``train`` directly would be a single process. The working directory is the data
 PVC, so relative ``run.output_dir`` and ``data.path`` land on shared storage.
+
+Who can get in: the MLflow server runs MLflow's basic-auth app, its admin account and CSRF key
+from a Secret the user creates (``<run>-mlflow-auth``; never rendered, so no password is ever in
+these files), which the training pods read too (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``); a
+NetworkPolicy admits to it only the run's training pods; people reach the UI through
+``kubectl port-forward``. Every container runs as a non-root user without privileges or
+capabilities, on a read-only root filesystem with ``emptyDir`` volumes for ``/tmp`` and ``$HOME``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,14 @@ CONFIG_FILE = "run.yaml"
 WORKDIR = "/workspace"
 MLFLOW_PORT = 5000
 RUN_AS = 1000  # the image's non-root user (docker/Dockerfile); fsGroup makes the volumes writable for it
+HOME = "/home/translution"
+"""That user's home: caches (matplotlib, torch extensions) go there, on an emptyDir, as the root filesystem is read-only."""
+AUTH_SECRET_KEYS = {"username": "the MLflow admin account, which the trainers use too",
+                    "password": "its password, at least 12 characters (MLflow's rule)",
+                    "flask-secret-key": "the key MLflow's basic-auth app signs its CSRF tokens with"}
+"""The keys of the ``<run>-mlflow-auth`` Secret, which the user creates (k8s/README.md)."""
+AUTH_CONFIG_DIR = "/etc/mlflow"
+AUTH_CONFIG_FILE = "basic_auth.ini"
 TORCHRUN_EXIT_S = 30
 """What a pod's grace adds to ``cluster.stop_grace_s``. A preempted pod's SIGTERM reaches torchrun, which forwards
 it to the ranks and kills them ``stop_grace_s`` later (``--shutdown-timeout``); in that time every rank finishes
@@ -74,6 +89,10 @@ class _Settings:
     node_selector: dict[str, str]
     runtime: str
     tracking_uri: str | None  # set when this render deploys the MLflow server
+
+    @property
+    def auth_secret(self) -> str:
+        return f"{self.name}-mlflow-auth"
 
 
 def dns_name(text: str, limit: int = 40) -> str:
@@ -139,6 +158,42 @@ def _labels(s: _Settings, component: str) -> dict[str, str]:
             "app.kubernetes.io/component": component}
 
 
+def _pod_security() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _scratch_volumes() -> list[dict[str, Any]]:
+    """What a process may write besides its data volumes, the root filesystem being read-only."""
+    return [{"name": "tmp", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
+
+
+def _scratch_mounts() -> list[dict[str, Any]]:
+    return [{"name": "tmp", "mountPath": "/tmp"}, {"name": "home", "mountPath": HOME}]
+
+
+def _secret_env(s: _Settings, name: str, key: str) -> dict[str, Any]:
+    assert key in AUTH_SECRET_KEYS
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": s.auth_secret, "key": key}}}
+
+
+def basic_auth_ini(database_uri: str) -> str:
+    """MLflow's basic-auth config: users in ``database_uri``; the admin comes from ``MLFLOW_AUTH_ADMIN_*``.
+
+    No admin name or password is written here: MLflow reads them from the Secret's variables, and an
+    MLflow too old to (< 3.16.1) fails to start instead of creating an account with a default password.
+    Accounts the admin adds later may read every experiment (``default_permission = READ``).
+    """
+    return ("[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {database_uri}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+
+
 def _pvc(s: _Settings, name: str, size: str, many: bool, component: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"accessModes": ["ReadWriteMany" if many else "ReadWriteOnce"],
                             "resources": {"requests": {"storage": size}}}
@@ -158,22 +213,36 @@ def data_pvc(s: _Settings) -> dict[str, Any]:
 
 
 def mlflow(s: _Settings) -> list[dict[str, Any]]:
-    """A tracking server (SQLite store and artifacts on its own PVC) that the trainers reach at ``tracking_uri``."""
+    """A tracking server behind a login (SQLite store, artifacts and users on its own PVC), reachable by the trainers only."""
     name = f"{s.name}-mlflow"
     labels = _labels(s, "mlflow")
+    auth_config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(s, f"{name}-auth-config", "mlflow"),
+                   "data": {AUTH_CONFIG_FILE: basic_auth_ini("sqlite:////mlflow/basic_auth.db")}}
     container = {
         "name": "mlflow",
         "image": s.image,
-        "command": ["mlflow", "server", "--backend-store-uri", "sqlite:////mlflow/mlflow.db",
+        "command": ["mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", "sqlite:////mlflow/mlflow.db",
                     "--artifacts-destination", "/mlflow/artifacts", "--host", "0.0.0.0", "--port", str(MLFLOW_PORT)],
-        # MLflow >= 3.5 checks the Host header; the trainers call it by its Service name.
-        "env": [{"name": "MLFLOW_SERVER_ALLOWED_HOSTS",
-                 "value": f"{name},{name}:{MLFLOW_PORT},localhost,localhost:{MLFLOW_PORT}"}],
+        "env": [
+            # MLflow >= 3.5 checks the Host header: the trainers call it by its Service name, people through
+            # `kubectl port-forward svc/NAME 5000:5000` as localhost:5000.
+            {"name": "MLFLOW_SERVER_ALLOWED_HOSTS",
+             "value": f"{name},{name}:{MLFLOW_PORT},localhost,localhost:{MLFLOW_PORT}"},
+            {"name": "MLFLOW_AUTH_CONFIG_PATH", "value": f"{AUTH_CONFIG_DIR}/{AUTH_CONFIG_FILE}"},
+            _secret_env(s, "MLFLOW_AUTH_ADMIN_USERNAME", "username"),
+            _secret_env(s, "MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+            _secret_env(s, "MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+            # The GenAI job runner (a consumer process per job type) has nothing to do for training runs.
+            {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"},
+            {"name": "HOME", "value": HOME},
+        ],
         "ports": [{"name": "http", "containerPort": MLFLOW_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},  # open to all
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False},
-        "volumeMounts": [{"name": "mlflow", "mountPath": "/mlflow"}],
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "mlflow", "mountPath": "/mlflow"},
+                         {"name": "auth-config", "mountPath": AUTH_CONFIG_DIR, "readOnly": True},
+                         *_scratch_mounts()],
     }
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(s, name, "mlflow"),
@@ -182,18 +251,40 @@ def mlflow(s: _Settings) -> list[dict[str, Any]]:
             "strategy": {"type": "Recreate"},  # one writer on a ReadWriteOnce volume
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels}, "spec": {
-                "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "fsGroup": RUN_AS},
+                "securityContext": _pod_security(),
                 "containers": [container],
-                "volumes": [{"name": "mlflow", "persistentVolumeClaim": {"claimName": name}}]}},
+                "volumes": [{"name": "mlflow", "persistentVolumeClaim": {"claimName": name}},
+                            {"name": "auth-config", "configMap": {"name": f"{name}-auth-config"}},
+                            *_scratch_volumes()]}},
         },
     }
     service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(s, name, "mlflow"),
                "spec": {"selector": labels, "ports": [{"name": "http", "port": MLFLOW_PORT, "targetPort": "http"}]}}
-    return [_pvc(s, name, s.mlflow_storage, False, "mlflow"), deployment, service]
+    return [auth_config, _pvc(s, name, s.mlflow_storage, False, "mlflow"), deployment, service, network_policy(s)]
+
+
+def network_policy(s: _Settings) -> dict[str, Any]:
+    """Only this run's training pods may open connections to its MLflow server.
+
+    ``kubectl port-forward`` enters the pod's network namespace through the kubelet, not through the
+    pod network, so it is not subject to this policy: people reach the UI that way, if RBAC lets them
+    (``pods/portforward``), and then log in.
+    """
+    trainers = {"app.kubernetes.io/instance": s.name, "app.kubernetes.io/component": "trainer"}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(s, f"{s.name}-mlflow", "mlflow"),
+            "spec": {"podSelector": {"matchLabels": _labels(s, "mlflow")}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": trainers}}],
+                                  "ports": [{"protocol": "TCP", "port": MLFLOW_PORT}]}]}}
 
 
 def _env(s: _Settings) -> list[dict[str, Any]]:
-    return [{"name": "MLFLOW_TRACKING_URI", "value": s.tracking_uri}] if s.tracking_uri else []
+    env = [{"name": "HOME", "value": HOME}]
+    if s.tracking_uri:  # the server rendered here, and the login it needs
+        env += [{"name": "MLFLOW_TRACKING_URI", "value": s.tracking_uri},
+                _secret_env(s, "MLFLOW_TRACKING_USERNAME", "username"),
+                _secret_env(s, "MLFLOW_TRACKING_PASSWORD", "password")]
+    return env
 
 
 def _resources(s: _Settings) -> dict[str, Any]:
@@ -205,13 +296,15 @@ def _resources(s: _Settings) -> dict[str, Any]:
 def _volumes(s: _Settings) -> list[dict[str, Any]]:
     return [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
             {"name": "workspace", "persistentVolumeClaim": {"claimName": f"{s.name}-data"}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm}}]  # NCCL and DataLoader shared memory
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm}},  # NCCL and DataLoader shared memory
+            *_scratch_volumes()]
 
 
 def _mounts() -> list[dict[str, Any]]:
     return [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "workspace", "mountPath": WORKDIR},
-            {"name": "dshm", "mountPath": "/dev/shm"}]
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            *_scratch_mounts()]
 
 
 def _command() -> list[str]:
@@ -220,12 +313,11 @@ def _command() -> list[str]:
 
 def _container(s: _Settings, name: str, env: list[dict[str, Any]]) -> dict[str, Any]:
     return {"name": name, "image": s.image, "command": _command(), "workingDir": WORKDIR, "env": env,
-            "resources": _resources(s), "securityContext": {"allowPrivilegeEscalation": False},
-            "volumeMounts": _mounts()}
+            "resources": _resources(s), "securityContext": _container_security(), "volumeMounts": _mounts()}
 
 
 def _pod_spec(s: _Settings, container: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {**extra, "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "fsGroup": RUN_AS},
+    spec: dict[str, Any] = {**extra, "securityContext": _pod_security(),
                             "terminationGracePeriodSeconds": s.stop_grace_s + TORCHRUN_EXIT_S,
                             "containers": [container], "volumes": _volumes(s)}
     if s.node_selector:
@@ -254,11 +346,12 @@ def pytorchjob(s: _Settings) -> dict[str, Any]:
 
 
 def _override_spec(s: _Settings) -> dict[str, Any]:
-    spec: dict[str, Any] = {"securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "fsGroup": RUN_AS}}
+    spec: dict[str, Any] = {"securityContext": _pod_security()}
     if s.node_selector:
         spec["nodeSelector"] = dict(sorted(s.node_selector.items()))
     spec["volumes"] = _volumes(s)
-    spec["containers"] = [{"name": "node", "volumeMounts": _mounts()}]  # the torch runtime's trainer container
+    # the torch runtime's trainer container
+    spec["containers"] = [{"name": "node", "securityContext": _container_security(), "volumeMounts": _mounts()}]
     return spec
 
 
@@ -272,6 +365,7 @@ def trainjob(s: _Settings) -> dict[str, Any]:
                         "resourcesPerNode": _resources(s), "env": _env(s)},
             "podTemplateOverrides": [{
                 "targetJobs": [{"name": "node"}],
+                "metadata": {"labels": _labels(s, "trainer")},  # what the MLflow server's NetworkPolicy admits
                 "spec": _override_spec(s),
             }],
         },
@@ -316,6 +410,14 @@ class _Dumper(yaml.SafeDumper):
 def _yaml(objects: list[dict[str, Any]]) -> str:
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120,
                          explicit_start=True)
+
+
+def auth_secret_command(cfg: Config, options: RenderOptions = RenderOptions()) -> str:
+    """The ``kubectl`` command that creates the MLflow login Secret with random values (run once, before the job)."""
+    namespace = f" --namespace {options.namespace}" if options.namespace else ""
+    return (f"kubectl create secret generic {dns_name(cfg.run.name)}-mlflow-auth{namespace} "
+            '--from-literal=username=admin --from-literal=password="$(openssl rand -base64 24)" '
+            '--from-literal=flask-secret-key="$(openssl rand -hex 32)"')
 
 
 def render(cfg: Config, options: RenderOptions = RenderOptions()) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """``translution k8s render CONFIG [key=value …] --out DIR``: Kubernetes manifests for a run.
 
 Writes the training job (PyTorchJob, TrainJob or JobSet), a PVC for checkpoints and data, a
-ConfigMap with the resolved config, an MLflow tracking server and a kustomization, so that
-``kubectl apply -k DIR`` starts the run. Nothing is written when the config is bad.
+ConfigMap with the resolved config, an MLflow tracking server (behind a login whose Secret the
+user creates: the command prints how) and a kustomization, so that ``kubectl apply -k DIR``
+starts the run. Nothing is written when the config is bad.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher.k8s import FLAVORS, RenderOptions, render, write
+from launcher.k8s import FLAVORS, RenderOptions, auth_secret_command, render, write
 from launcher.launch_command import intermixed
 from training.config import load_config
 
@@ -34,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    files = render(cfg, RenderOptions(args.flavor, args.image, args.namespace))
+    options = RenderOptions(args.flavor, args.image, args.namespace)
+    files = render(cfg, options)
     write(files, args.out)
     print(f"wrote {', '.join(files)} to {args.out}; start with: kubectl apply -k {args.out}")
+    if "mlflow.yaml" in files:
+        print(f"first, once, create the MLflow login that the server and the trainers read (k8s/README.md):\n"
+              f"  {auth_secret_command(cfg, options)}")
     return 0

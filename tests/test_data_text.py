@@ -81,6 +81,20 @@ def test_local_tokenizer_and_windows(corpus, tmp_path):
     assert loader.info.vocab_size == text["vocab_size"] and loader.info.input_shape == (16,)
 
 
+def test_documents_of_another_suffix(corpus, tmp_path):
+    """``--suffix .md`` reads the Markdown files instead of the .txt ones (how the README builds a set from docs/)."""
+    from translution_dist.data.cli import main
+
+    assert main(["data", "text", str(corpus), str(tmp_path / "md"), "--context-length", "2", "--vocab-size", "270",
+                 "--suffix", ".md"]) == 0
+    index = load_index(tmp_path / "md")
+    assert index["text"]["documents"] == {"train": 1, "test": 0} and index["builder"]["params"]["suffix"] == ".md"
+    assert "`.md` files under" in (tmp_path / "md" / "DATACARD.md").read_text()
+    with pytest.raises(BuildError) as error:
+        build_text_shards(corpus, tmp_path / "out", context_length=2, suffix="")
+    assert error.value.param == "suffix" and not (tmp_path / "out").exists()
+
+
 def test_text_builder_errors_name_the_parameter(corpus, tmp_path):
     tokenizer = train_bpe_tokenizer(iter(["a b c"]), vocab_size=260, eos_token="<|endoftext|>")
     tokenizer.save(str(tmp_path / "tokenizer.json"))

@@ -70,6 +70,7 @@ def test_runtime_contract():
     assert any(op == "HEALTHCHECK" and "translution" in args for op, args in ops)
     run = " ".join(args for op, args in ops if op == "RUN")
     assert "DS_BUILD_CPU_ADAM=1" in run and "DS_BUILD_UTILS=1" in run
+    assert "import torch, deepspeed, mlflow.server.auth" in run  # the k8s MLflow server's login app is installed
     assert ops[0][0] in ("ARG", "FROM")
 
 

@@ -86,8 +86,8 @@ def test_every_object_is_valid(flavor):
     objects = documents(files)
     kinds = sorted(obj["kind"] for obj in objects)
     expected = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob", "jobset": "JobSet"}[flavor]
-    assert kinds == sorted(["ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim", "Deployment", "Service",
-                            expected])
+    assert kinds == sorted(["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim", "Deployment",
+                            "Service", "NetworkPolicy", expected])
     for obj in objects:
         validate(obj)
         assert obj["metadata"]["namespace"] == "ml"
@@ -121,13 +121,72 @@ def test_pytorchjob_contents():
     assert container["command"] == ["translution", "launch", "/config/run.yaml"]
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 8}}
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://vit-a100-mlflow:5000"} in container["env"]
+    assert {"name": "MLFLOW_TRACKING_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": "vit-a100-mlflow-auth", "key": "password"}}} in container["env"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert pod["terminationGracePeriodSeconds"] == 90  # cluster.stop_grace_s (torchrun --shutdown-timeout) + 30
     assert objects["vit-a100-data"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every node mounts it
     assert objects["vit-a100-data"]["spec"]["resources"]["requests"]["storage"] == "2Ti"
     mlflow = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert mlflow[:2] == ["mlflow", "server"] and "sqlite:////mlflow/mlflow.db" in mlflow
+    assert mlflow[:4] == ["mlflow", "server", "--app-name", "basic-auth"] and "sqlite:////mlflow/mlflow.db" in mlflow
+
+
+def _pods(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod templates (labels and spec) an object starts; a TrainJob's as its override gives them."""
+    if obj["kind"] == "Deployment":
+        return [obj["spec"]["template"]]
+    if obj["kind"] == "PyTorchJob":
+        return [replica["template"] for replica in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "JobSet":
+        return [job["template"]["spec"]["template"] for job in obj["spec"]["replicatedJobs"]]
+    if obj["kind"] == "TrainJob":
+        return obj["spec"]["podTemplateOverrides"]
+    return []
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_only_the_trainers_reach_mlflow_and_they_log_in_from_a_secret(flavor):
+    objects = documents(render(a100(), RenderOptions(flavor)))
+    assert "Secret" not in {obj["kind"] for obj in objects}  # the user creates it: no password in these files
+    assert not any("admin_password" in text for obj in objects if obj["kind"] == "ConfigMap"
+                   for text in obj["data"].values())
+    policy = next(obj for obj in objects if obj["kind"] == "NetworkPolicy")
+    admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    server = next(obj for obj in objects if obj["kind"] == "Deployment")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and policy["spec"]["ingress"][0]["ports"][0]["port"] == 5000
+    assert not admitted.items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    job = next(obj for obj in objects if obj["kind"] == {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob",
+                                                         "jobset": "JobSet"}[flavor])
+    for pod in _pods(job):
+        assert admitted.items() <= pod["metadata"]["labels"].items()
+    env = job["spec"]["trainer"]["env"] if flavor == "trainjob" else _pods(job)[0]["spec"]["containers"][0]["env"]
+    secret_refs = {var["name"]: var["valueFrom"]["secretKeyRef"] for var in env if "valueFrom" in var
+                   and "secretKeyRef" in var["valueFrom"]}
+    assert secret_refs == {"MLFLOW_TRACKING_USERNAME": {"name": "vit-a100-mlflow-auth", "key": "username"},
+                           "MLFLOW_TRACKING_PASSWORD": {"name": "vit-a100-mlflow-auth", "key": "password"}}
+    server_env = {var["name"]: var for var in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name, key in [("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")]:
+        assert server_env[name]["valueFrom"]["secretKeyRef"] == {"name": "vit-a100-mlflow-auth", "key": key}
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_every_container_is_unprivileged_on_a_read_only_root(flavor):
+    objects = documents(render(a100(), RenderOptions(flavor)))
+    pods = [pod for obj in objects for pod in _pods(obj)]
+    assert len(pods) >= 2  # the MLflow server's and the trainers'
+    for pod in pods:
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 1000
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        scratch = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for container in spec["containers"]:
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                    "capabilities": {"drop": ["ALL"]}}
+            mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert mounted["/tmp"] in scratch and mounted["/home/translution"] in scratch
 
 
 def test_configmap_holds_the_resolved_config(tmp_path):
@@ -169,7 +228,8 @@ def test_command_writes_and_replaces(tmp_path, capsys):
     assert main([*argv[:-1], "jobset"]) == 0  # a re-render replaces the whole directory
     assert "trainjob.yaml" not in {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["manifests"]  # no staging directories left behind
-    assert "kubectl apply -k" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kubectl apply -k" in out and "kubectl create secret generic quickstart-mlflow-auth " in out
 
 
 @pytest.mark.parametrize("overrides, message", [

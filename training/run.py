@@ -30,6 +30,7 @@ from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
 from training.run_identity import OtherRunError, check_run_identity
+from training.provenance import keep_tokenizer
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
 from training.torch_backend import TorchBackend
@@ -124,7 +125,7 @@ def build_loaders(cfg: Config, ctx: DistContext) -> dict:
 
 
 def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
-    """Create and lock the run directory and record the resolved config (rank 0), before any state is written.
+    """Create and lock the run directory and record the resolved config and tokenizer (rank 0), before any state.
 
     A directory that cannot be written, that another live run holds, or whose checkpoints are of
     another run (:mod:`training.run_identity`) is a config error on every rank (exit code 2),
@@ -139,6 +140,7 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
             for warning in check_run_identity(cfg, cfg.run_dir):
                 log.warning(warning)
             (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+            keep_tokenizer(cfg.data, cfg.run_dir)
         except RunDirectoryLocked as err:
             lock = None
             error = (f"run.name: {err}; two runs in one directory would overwrite each other's checkpoints: wait "

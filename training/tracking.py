@@ -9,11 +9,13 @@ the end is reported, never silently dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,33 @@ MAX_RETRY_INTERVAL_S = 300.0
 # 120 s for an answer: with the server down, every call would stall training that long. The queue
 # below is the retry, so a request fails fast unless the user set these variables.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+SEGMENT = "segment"
+"""Tag and metric: which start of the run (1, then 2, 3 … for each resume) is being recorded."""
+
+
+def sqlite_uri(path: Path) -> str:
+    """The ``sqlite:///`` URI of a database file.
+
+    SQLAlchemy unquotes the path of a URI and cuts it at ``?``, so a directory named ``a%41``
+    or ``a?b`` would otherwise open ``aA`` or ``a``: a store at the wrong place, or an error.
+    Only those two characters are quoted: MLflow makes the store's directory from the URI
+    without unquoting it, so every quoted character leaves it an empty directory of that name.
+    """
+    return "sqlite:///" + str(path).replace("%", "%25").replace("?", "%3F")
 
 
 def default_tracking_uri(output_dir: Path) -> str:
     """``$MLFLOW_TRACKING_URI``, else an embedded SQLite store beside the runs."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(output_dir.resolve() / "mlflow.db")
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    """The database file of an embedded ``sqlite:///`` store; ``None`` for a server."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The database file of an embedded ``sqlite:///`` store, read as SQLAlchemy reads it; ``None`` for a server."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    return Path(make_url(uri).database)
 
 
 def create_sqlite_store(uri: str) -> None:
@@ -55,7 +74,7 @@ def create_sqlite_store(uri: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     private = path.with_name(f".{path.name}.{os.getpid()}.creating")
     try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{private}").search_experiments()  # runs the migrations
+        mlflow.MlflowClient(tracking_uri=sqlite_uri(private)).search_experiments()  # runs the migrations
         try:
             os.link(private, path)
         except FileExistsError:
@@ -72,6 +91,24 @@ def artifact_location(uri: str) -> str | None:
     return None if path is None else (path.resolve().parent / "mlartifacts").as_uri()
 
 
+def _param_value(value: Any) -> str:
+    return str(value)[:6000]  # MLflow's limit on a parameter value
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One data set a run reads, as MLflow records it (``mlflow.entities.Dataset`` plus the input's context)."""
+
+    name: str
+    digest: str
+    """At most 36 characters (MLflow's column)."""
+    source: str | dict[str, Any]
+    """A path or URI of the files, or, for generated data, what generates it."""
+    context: str
+    """``training`` or ``evaluation``."""
+    profile: dict[str, Any] = field(default_factory=dict)
+
+
 class Tracker:
     """Logs one run. Use :meth:`start` once, then the ``log_*`` methods, then :meth:`finish`."""
 
@@ -86,6 +123,8 @@ class Tracker:
         self.uri = uri
         self.experiment = experiment
         self.run_id: str | None = None
+        self.segment = 1
+        self._first_params: dict[str, str] = {}
         self._queue: deque[tuple[str, Callable[[], Any]]] = deque()
         self._dropped = 0
         self._next_retry = 0.0
@@ -95,10 +134,17 @@ class Tracker:
 
     def start(self, run_name: str, tags: dict[str, str], resume_run_id: str | None = None,
               system_metrics: bool = False) -> str:
-        """Create the run (or reopen ``resume_run_id``); needs the server up, so it fails loudly."""
+        """Create the run (or reopen ``resume_run_id`` as its next segment); needs the server up, so it fails loudly.
+
+        ``tags`` describe this segment (code, layout, host …); on a resumed run they replace the previous values.
+        """
         if resume_run_id is not None:
             self.run_id = resume_run_id
+            run = self.client.get_run(resume_run_id)
+            self.segment = int(run.data.tags.get(SEGMENT, "1")) + 1
+            self._first_params = dict(run.data.params)
             self.client.update_run(resume_run_id, status="RUNNING")
+            self.set_tags(tags)
         else:
             experiment = self.client.get_experiment_by_name(self.experiment)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
@@ -107,6 +153,46 @@ class Tracker:
         if system_metrics:
             self._start_system_metrics()
         return self.run_id
+
+    def record_segment(self, params: dict[str, Any], config_file: Path, step: int) -> None:
+        """Record this start of the run: its parameters, its config file, and where it began.
+
+        One MLflow run holds the whole training (every metric on one curve, one model); each
+        start of it, the first and every resume, is a *segment*, numbered by the ``segment`` tag
+        and marked on the ``segment`` metric at the step it began. MLflow parameters cannot
+        change, so the run's parameters are the first segment's; a later segment N logs each
+        value that differs from those as ``segment_N.<key>`` (new keys under their own name) and
+        its whole config as ``segment_N/config.yaml``, beside the first one's ``config.yaml``.
+        The tags (:meth:`start`) hold the current segment's code, layout and host. Nested runs
+        were the alternative: they split the curves over runs, which the UI then cannot plot as one.
+        """
+        if self.segment == 1:
+            self.log_params(params)
+            self.log_artifact(config_file)
+        else:
+            values = {key: _param_value(value) for key, value in params.items()}
+            self.log_params({**{k: v for k, v in values.items() if k not in self._first_params},
+                             **{f"segment_{self.segment}.{k}": v for k, v in values.items()
+                                if k in self._first_params and self._first_params[k] != v}})
+            self.log_artifact(config_file, f"segment_{self.segment}")
+        self.set_tags({SEGMENT: str(self.segment)})
+        self.log_metrics({SEGMENT: self.segment}, step)
+
+    def log_datasets(self, datasets: list[DatasetRecord]) -> None:
+        """The data the run reads, as MLflow dataset inputs (what ``mlflow.log_input`` logs, for this run)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for record in datasets:
+            source = (resolve_dataset_source(record.source) if isinstance(record.source, str)
+                      else CodeDatasetSource(record.source))
+            entity = Dataset(name=record.name, digest=record.digest, source_type=source._get_source_type(),
+                             source=source.to_json(), profile=json.dumps(record.profile))
+            inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, record.context)]))
+        self._call("log_inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def _start_system_metrics(self) -> None:
         try:
@@ -158,7 +244,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):
             batch = items[start:start + 100]
             self._call("log_params", lambda batch=batch: self.client.log_batch(self.run_id, params=batch))

@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from training.config import Config, flatten
 from training.hardware import device_peak_flops
 from training.plots import plot_history
 from training.preemption import Stopped, StopRequest
+from training.provenance import RUN_TOKENIZER, data_files, dataset_records, git_state, host_tags
 from training.tasks import task_for
 from training.tracking import Tracker, default_tracking_uri
 from translution_dist.models.flops import model_flops_per_sample
@@ -55,15 +55,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _max_over_ranks(value: float, ctx: DistContext) -> float:
@@ -108,15 +99,16 @@ class Trainer:
             return
         uri = self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir)
         self.tracker = Tracker(uri, self.cfg.tracking.experiment)
-        tags = {"git_commit": _git_commit(), "layout": self.ctx.dims.tag(self.cfg.model.bank_chunks),
-                "world_size": str(self.ctx.world_size),
+        tags = {**git_state(), **host_tags(), "layout": self.ctx.dims.tag(self.cfg.model.bank_chunks),
+                "engine": self.ctx.dims.engine, "world_size": str(self.ctx.world_size),
                 "device": self.ctx.device.type, "topology": os.environ.get("TRANSLUTION_TOPOLOGY", "local"),
                 "peak_flops_per_device": f"{self.peak_flops:.4g}", "peak_flops_source": self.peak_flops_source}
         run_id = self.tracker.start(self.cfg.run.name, tags, resume_run_id, self.cfg.tracking.system_metrics)
         (self.run_dir / "mlflow_run_id").write_text(run_id)
-        if resume_run_id is None:
-            self.tracker.log_params(flatten(self.cfg))
-            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.tracker.record_segment(flatten(self.cfg), self.run_dir / "config.yaml", self.step)
+        self.tracker.log_datasets(dataset_records(self.cfg.data, ["train", "test"] if self.eval_loader else ["train"]))
+        for path in data_files(self.cfg.data):
+            self.tracker.log_artifact(path, "data")
         log.info("MLflow run %s at %s", run_id, uri)
 
     def _resume(self) -> str | None:
@@ -320,5 +312,7 @@ class Trainer:
             path = artifacts / "model.safetensors"
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
             self.tracker.log_artifact(path, "model")
+            if (self.run_dir / RUN_TOKENIZER).is_file():  # what turns the model's token ids into text
+                self.tracker.log_artifact(self.run_dir / RUN_TOKENIZER, "model")
             if self.cfg.tracking.register_model:
                 self.tracker.register_model("model", self.cfg.tracking.register_model)

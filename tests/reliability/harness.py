@@ -205,21 +205,28 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 class MlflowServer:
-    """``mlflow server`` on a fixed port and SQLite store: killed and started again, it is the same server."""
+    """``mlflow server`` on a fixed port and SQLite store: killed and started again, it is the same server.
 
-    def __init__(self, directory: Path) -> None:
+    ``app_name="basic-auth"`` serves MLflow's login app, configured by ``server_env`` (its admin account,
+    CSRF key and ``MLFLOW_AUTH_CONFIG_PATH``).
+    """
+
+    def __init__(self, directory: Path, app_name: str | None = None, server_env: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.app_name = app_name
+        self.server_env = server_env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> None:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
-               "--artifacts-destination", str(self.directory / "artifacts")]
+               "--artifacts-destination", str(self.directory / "artifacts"),
+               *(["--app-name", self.app_name] if self.app_name else [])]
         log = (self.directory / "server.log").open("a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True,
-                                     env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+                                     env=env(**{"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.server_env}))
         wait_for_port(self.port, self.proc, timeout)
 
     def kill(self) -> None:

@@ -116,6 +116,7 @@ def _text(args: argparse.Namespace) -> dict[str, Any]:
         test_fraction=args.test_fraction,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
+        suffix=args.suffix,
         overwrite=args.overwrite,
         progress=True,
     )
@@ -192,7 +193,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--tokenizer) into windows of context-length + 1 tokens. For OpenWebText, extract its archives "
         "into one folder of .txt files and point INPUT at it.",
     )
-    text.add_argument("input", metavar="INPUT", type=_directory, help="folder of .txt documents (searched recursively)")
+    text.add_argument("input", metavar="INPUT", type=_directory,
+                      help="folder of documents, one per file (searched recursively)")
     _add_common(text, samples_per_shard=10000)
     text.add_argument(
         "--context-length", type=_positive_int, required=True, help="tokens per input (windows hold one more)"
@@ -203,6 +205,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     vocab.add_argument("--tokenizer", type=_file, help="use this tokenizer.json instead of training one")
     text.add_argument("--eos-token", default="<|endoftext|>", help="token appended to every document")
+    text.add_argument("--suffix", default=".txt", help="documents are the files named *SUFFIX (default .txt; e.g. .md)")
     text.add_argument(
         "--test-fraction", type=_fraction, default=0.01, help="share of documents held out (default 0.01)"
     )

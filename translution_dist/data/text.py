@@ -1,4 +1,4 @@
-"""Text shards: a folder of ``.txt`` documents -> packed windows of token ids.
+"""Text shards: a folder of ``.txt`` documents (or another ``suffix``, e.g. ``.md``) -> packed windows of token ids.
 
 Each file is one document. Documents are tokenised with a byte-level BPE tokenizer
 (trained here on the training documents with HuggingFace ``tokenizers``, nothing
@@ -82,15 +82,15 @@ class WindowPacker:
         return len(self._pending)
 
 
-def _documents(root: Path, *, seed: int, test_fraction: float) -> Iterator[tuple[str, Path]]:
-    """``(split, path)`` of every ``.txt`` under ``root``, in sorted-walk order.
+def _documents(root: Path, *, seed: int, test_fraction: float, suffix: str) -> Iterator[tuple[str, Path]]:
+    """``(split, path)`` of every file named ``*suffix`` under ``root``, in sorted-walk order.
 
     A generator, so that corpora of millions of files (OpenWebText) are never listed in
     memory. The split is a hash of the relative path and the seed.
     """
     for directory, subdirectories, names in os.walk(root):
         subdirectories.sort()
-        for name in sorted(n for n in names if n.endswith(".txt")):
+        for name in sorted(n for n in names if n.endswith(suffix)):
             path = Path(directory) / name
             draw = random.Random(f"{seed}:{path.relative_to(root).as_posix()}").random()
             yield ("test" if draw < test_fraction else "train"), path
@@ -111,10 +111,11 @@ def build_text_shards(
     test_fraction: float = 0.01,
     samples_per_shard: int = 10000,
     seed: int = 0,
+    suffix: str = ".txt",
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Tokenise every ``.txt`` under ``input`` into ``train``/``test`` window shards.
+    """Tokenise every ``*suffix`` file under ``input`` into ``train``/``test`` window shards.
 
     A document goes to ``test`` with probability ``test_fraction``, decided by a hash of
     its relative path and the seed (stable when files are added). The tokenizer, when
@@ -130,9 +131,11 @@ def build_text_shards(
         raise BuildError("vocab_size", f"must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
     if not input.is_dir():
         raise BuildError("input", f"{input} is not a directory")
-    documents = partial(_documents, input, seed=seed, test_fraction=test_fraction)
+    if not suffix:
+        raise BuildError("suffix", "must not be empty; documents are files named *SUFFIX, e.g. .txt")
+    documents = partial(_documents, input, seed=seed, test_fraction=test_fraction, suffix=suffix)
     if next(documents(), None) is None:
-        raise BuildError("input", f"no .txt files under {input}")
+        raise BuildError("input", f"no {suffix} files under {input}")
     if all(split == "test" for split, _ in documents()):
         raise BuildError("test_fraction", f"left no training document under {input}; lower it")
 
@@ -218,8 +221,8 @@ def _datacard(index: dict[str, Any]) -> str:
     return f"""
 # Text windows (context length {t["context_length"]})
 
-Built by `translution_dist.data.text.build_text_shards` with seed {p["seed"]} from the `.txt`
-files under `{p["input"]}` (one document per file).
+Built by `translution_dist.data.text.build_text_shards` with seed {p["seed"]} from the
+`{p.get("suffix", ".txt")}` files under `{p["input"]}` (one document per file).
 
 ## Provenance
 
