@@ -29,8 +29,8 @@ from parallelism.materialize import materialize
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
-from training.run_identity import OtherRunError, check_run_identity
 from training.provenance import keep_tokenizer
+from training.run_identity import OtherRunError, check_run_identity
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
 from training.torch_backend import TorchBackend
