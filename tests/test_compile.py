@@ -27,11 +27,15 @@ CASES = {
     "vit-translution": {**VIT, "attention": "translution", "bank_chunks": 2},
     "vit-alpha": {**VIT, "attention": "alpha"},
     "gpt-translution": {**GPT, "attention": "translution"},
-    "gpt-alpha": {**GPT, "attention": "alpha", "bank_chunks": 2},
+    "gpt-alpha-qv-hybrid": {**GPT, "attention": "alpha", "relative": "qv", "relative_blocks": 1, "bank_chunks": 2},
+}
+MORE_CASES = {  # the other relative subsets and positions (slow: a few seconds each on loaded cores)
+    "gpt-alpha": {**GPT, "attention": "alpha"},
     "vit-translution-qk": {**VIT, "attention": "translution", "relative": "qk"},
     "gpt-translution-v-rope": {**GPT, "attention": "translution", "relative": "v", "position": "rope"},
     "vit-alpha-k": {**VIT, "attention": "alpha", "relative": "k"},
-    "gpt-alpha-qv-hybrid": {**GPT, "attention": "alpha", "relative": "qv", "relative_blocks": 1},
+    "gpt-translution-q": {**GPT, "attention": "translution", "relative": "q"},
+    "vit-alpha-kv-rope": {**VIT, "attention": "alpha", "relative": "kv", "position": "rope"},
     "gpt-self-attention-relative-bias": {**GPT, "attention": "self_attention", "position": "relative_bias"},
 }
 
@@ -80,7 +84,13 @@ def test_whole_model_compiles_in_one_graph_and_matches_eager_exactly(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["vit-translution", "gpt-alpha"])
+@pytest.mark.parametrize("case", MORE_CASES)
+def test_every_subset_compiles_in_one_graph_and_matches_eager_exactly(case):
+    assert compiled_matches_eager(MORE_CASES[case], "aot_eager").frame_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["vit-translution", "gpt-alpha-qv-hybrid"])
 def test_inductor_matches_eager(case):
     assert compiled_matches_eager(CASES[case], "inductor").frame_count == 1
 

@@ -366,7 +366,7 @@ def in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
     identity, ``is``, which torch.compile traces; ``id()`` would fail its guards on every call).
     """
     device = tensors[0].device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
