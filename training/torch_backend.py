@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from training.backend import DistContext, EvalFn, StepFn, StepResult, all_reduce_mean, autocast_context
 from parallelism.compile import apply_compile
+from training.backend import DistContext, EvalFn, StepFn, StepResult, all_reduce_mean, autocast_context
 from training.checkpoint import torch_state
 from training.config import Config
 from training.grad_norm import clip_grad_norm

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from translution_dist.ops import (
     DisplacementBank,
     ImageGridLayout,
+    PlanSpec,
     RelativeLayout,
     in_compute_dtype,
-    PlanSpec,
     pair_scores,
     pair_values,
     pairs_per_chunk,

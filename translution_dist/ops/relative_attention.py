@@ -34,6 +34,7 @@ import math
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torch.utils.flop_counter import register_flop_formula
 
 from translution_dist.ops.pair_plan import PairChunk, PairPlan, PlanSpec, chunk_segments
 
@@ -407,3 +408,36 @@ def pair_values(attn: Tensor, xv: Tensor, wv: Tensor | None, plan: PairPlan | Pl
     """``[B, N, C']`` outputs ``o_i = Σ_j a_ij·v_ij`` over the planned pairs, heads concatenated."""
     attn, xv = in_compute_dtype(attn, xv)
     return _pair_values_op(attn, xv, _local(wv), _spec(plan))
+
+
+# --- FLOP formulas: the operators are opaque to torch.utils.flop_counter, so they state their bmm FLOPs -------
+
+
+def _bank_flops(plan: list[int], x_shape, w_shape, passes: int) -> int:
+    """``passes`` per-pair projections ``[B, C_in] @ [C_in, C_out]`` over the plan's padded pairs."""
+    if w_shape is None:
+        return 0
+    padded = sum(chunk.flat_pairs.numel() for chunk in PlanSpec(*plan).plan().chunks)
+    return passes * 2 * padded * x_shape[0] * w_shape[1] * w_shape[2]
+
+
+@register_flop_formula(torch.ops.translution.pair_scores)
+def _scores_flops(xq_shape, xk_shape, wq_shape, wk_shape, plan, *args, **kwargs) -> int:
+    return _bank_flops(plan, xq_shape, wq_shape, 1) + _bank_flops(plan, xq_shape, wk_shape, 1)
+
+
+@register_flop_formula(torch.ops.translution.pair_scores_backward)
+def _scores_backward_flops(grad_shape, xq_shape, xk_shape, wq_shape, wk_shape, plan, dim_head, scale, need_wq,
+                           need_wk, *args, **kwargs) -> int:
+    # per bank side: the projection again, the input gradient, and the bank gradient when needed
+    return (_bank_flops(plan, xq_shape, wq_shape, 2 + need_wq) + _bank_flops(plan, xq_shape, wk_shape, 2 + need_wk))
+
+
+@register_flop_formula(torch.ops.translution.pair_values)
+def _values_flops(attn_shape, xv_shape, wv_shape, plan, *args, **kwargs) -> int:
+    return _bank_flops(plan, xv_shape, wv_shape, 1)
+
+
+@register_flop_formula(torch.ops.translution.pair_values_backward)
+def _values_backward_flops(grad_shape, attn_shape, xv_shape, wv_shape, plan, need_wv, *args, **kwargs) -> int:
+    return _bank_flops(plan, xv_shape, wv_shape, 2 + need_wv)
