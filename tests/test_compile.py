@@ -15,6 +15,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from helpers.processes import cross_entropy, tiny_batch
+from parallelism.compile import apply_compile
+from training.config import ConfigError, load_config
 from translution_dist.models import ModelConfig, build_model
 from translution_dist.ops import CausalLayout, ImageGridLayout, pair_plan
 from translution_dist.ops.relative_attention import _pair_scores_op, _pair_values_op
@@ -109,3 +111,18 @@ def test_custom_ops_pass_opcheck(layout):
     torch.library.opcheck(_pair_scores_op, (x, y, None, w, spec, 2, 0.5))
     torch.library.opcheck(_pair_values_op, (attn, x, w, spec))
     torch.library.opcheck(_pair_values_op, (attn, y, None, spec))
+
+
+def test_trainer_compiles_every_block_and_refuses_deepspeed(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {arch: gpt, attention: translution, preset: tiny, context_length: 8, vocab_size: 11}\n"
+                      "data: {kind: synthetic, synthetic: {task: text, context_length: 8, vocab_size: 11}}\n")
+    cfg = load_config(config, ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    assert (cfg.train.compile, cfg.train.compile_mode) == (True, "reduce-overhead")
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        load_config(config, ["train.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(config, ["train.compile=true", "parallel.engine=deepspeed"])
+    model, _ = _model(CASES["gpt-translution"])
+    apply_compile(model, "default")
+    assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in model.encoder.blocks)
