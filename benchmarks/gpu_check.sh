@@ -5,7 +5,8 @@
 #      batch 8, width 192, 3 heads × 64) and the ViT-tiny model step;
 #   3. 20 training steps of the paper's GPT-tiny (full Translution, T=160, GPT-2 vocabulary, synthetic
 #      tokens, batch 8, bf16) in one process, without and with train.activation_checkpoint=block;
-#      the trainer logs tokens/s and MFU (against the card's datasheet BF16 peak) every step.
+#      the trainer logs tokens/s and MFU (against the card's datasheet BF16 peak) every step;
+#   4. torch.compile: benchmarks/bench_compile.py with and without CUDA graphs, and a compiled training run.
 # Every stage has its own time limit; a failed stage is reported and the others still run.
 #
 #   bash benchmarks/gpu_check.sh                           # on the GPU machine
@@ -117,6 +118,21 @@ print("steady medians:", {k: round(v, 4) for k, v in steady.items()})
 EOF
   grep -h "steady medians" "$RESULTS/train_$mode.log" >> "$SUMMARY" 2>/dev/null || true
 done
+
+# 4. torch.compile (train.compile): compile time and steady step against eager, per layer and per block
+#    (bench_compile.py), with CUDA graphs (mode reduce-overhead) on the GPU; then the trainer with
+#    train.compile=true. GPU_CHECK_COMPILE=0 skips this stage.
+if [[ "${GPU_CHECK_COMPILE:-1}" == 1 ]]; then
+  COMPILE_MODES=(default)
+  [[ "$DEVICE" == cuda ]] && COMPILE_MODES+=(reduce-overhead)
+  QUICK=(); [[ "$DEVICE" == cpu ]] && QUICK=(--quick --steps 2)
+  for mode in "${COMPILE_MODES[@]}"; do
+    stage "bench_compile_$mode" "$BENCH_LIMIT" "$PYTHON" benchmarks/bench_compile.py --device "$DEVICE" \
+      --mode "$mode" "${QUICK[@]}" --out "$RESULTS/bench_compile_$mode.json"
+  done
+  stage train_compile "$TRAIN_LIMIT" "$PYTHON" -m launcher.cli train "$RESULTS/train.yaml" \
+    "run.name=gpu_check_compile" "train.compile=true" "train.resume=never"
+fi
 
 note "done: $([[ $FAILED -eq 0 ]] && echo 'every stage passed' || echo 'SOME STAGES FAILED'); results in $RESULTS"
 exit $FAILED

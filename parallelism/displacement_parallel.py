@@ -93,31 +93,42 @@ class _DistributedSoftmax(torch.autograd.Function):
         return (probs * (grad_probs - weighted)).to(grad_probs_dtype), None, None
 
 
-class DisplacementSoftmax:
+class DisplacementSoftmax(nn.Module):
     """A layer's ``row_softmax`` under displacement parallelism (see :class:`_DistributedSoftmax`).
 
-    Computed in float32 at least, returned in the scores' dtype like ``torch.softmax``.
+    Computed in float32 at least, returned in the scores' dtype like ``torch.softmax``. The
+    pairs this rank owns are a buffer on the layer's device (``[T, T]``, a shorter causal
+    sequence uses its corner), built once, so that no step copies a mask from the host.
     """
 
-    def __init__(self, layout: RelativeLayout, owned_rows: Tensor, group: dist.ProcessGroup) -> None:
+    def __init__(self, layout: RelativeLayout, owned_rows: Tensor, group: dist.ProcessGroup,
+                 device: torch.device) -> None:
+        super().__init__()
         self.layout = layout
         self.owned_rows = owned_rows
         self.group = group
-        self._owned_pairs: dict[tuple[int, torch.device], Tensor] = {}
+        t = layout.max_tokens
+        self.register_buffer("owned", torch.empty(t, t, dtype=torch.bool, device=device), persistent=False)
+        self.reset_parameters()
 
-    def owned_pairs(self, n: int, device: torch.device) -> Tensor:
-        """``[n, n]`` bool: the allowed pairs whose key-side displacement this rank holds."""
-        key = (n, device)
-        if key not in self._owned_pairs:
-            key_index, _ = self.layout.index_maps(n)
-            rows = self.layout.storage_row[key_index.clamp(min=0)]
-            self._owned_pairs[key] = (self.owned_rows[rows] & (key_index >= 0)).to(device)
-        return self._owned_pairs[key]
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.owned.device.type != "meta":
+            self.owned.copy_(self._owned_pairs())
 
-    def __call__(self, scores: Tensor, mask: Tensor | None) -> Tensor:
-        allowed = self.owned_pairs(scores.shape[-1], scores.device)
+    def _owned_pairs(self) -> Tensor:
+        """``[T, T]`` bool: the allowed pairs whose key-side displacement this rank holds."""
+        key_index, _ = self.layout.index_maps(self.layout.max_tokens)
+        rows = self.layout.storage_row[key_index.clamp(min=0)]
+        return self.owned_rows[rows] & (key_index >= 0)
+
+    def owned_pairs(self, n: int) -> Tensor:
+        return self.owned[:n, :n]
+
+    def forward(self, scores: Tensor, mask: Tensor | None) -> Tensor:
+        allowed = self.owned_pairs(scores.shape[-1])
         if mask is not None:
-            allowed = allowed & mask.to(scores.device)
+            allowed = allowed & mask
         return _DistributedSoftmax.apply(scores, allowed, self.group)
 
 
@@ -158,11 +169,18 @@ def _owned_rows(layer: RelativeAttentionBase) -> Tensor:
     return owned
 
 
+def _local_device(layer: nn.Module) -> torch.device:
+    """Where the layer's tensors live (``meta`` for a model not yet materialised)."""
+    weight = next(layer.parameters())
+    return (weight.to_local() if isinstance(weight, DTensor) else weight).device
+
+
 def _parallelize_layer(layer: RelativeAttentionBase, mesh: DeviceMesh) -> None:
     dispp = mesh["dispp"]
     for chunk in bank_chunk_modules(layer):
         _shard_rows(chunk, mesh)
-    layer.row_softmax = DisplacementSoftmax(layer.layout, _owned_rows(layer), dispp.get_group())
+    layer.row_softmax = DisplacementSoftmax(layer.layout, _owned_rows(layer), dispp.get_group(),
+                                            _local_device(layer))
     layer.out_proj.register_forward_pre_hook(reduce_input_hook(dispp), prepend=True)
     complete_bank_input_grads(layer, dispp)
     if isinstance(layer, AlphaTranslutionAttention):

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from parallelism.activation_checkpoint import ActivationCheckpoint
+from parallelism.compile import CompileMode
 from parallelism.config import ParallelConfig
 from training.hardware import HardwareSection
 from translution_dist.data.config import DataConfig
@@ -57,6 +58,11 @@ class TrainSection(_Section):
         "none", description="Recompute activations in backward to save memory: none; block: every transformer block "
                             "keeps only its input (most memory saved, one more forward); selective: every block's "
                             "feed-forward is recomputed (cheap; the attention keeps its tensors).")
+    compile: bool = Field(False, description="torch.compile every transformer block (after sharding; the bank "
+                                             "kernels are custom operators, so a block is one graph without FSDP2). "
+                                             "The first steps take the compile time.")
+    compile_mode: CompileMode = Field("default", description="torch.compile mode with train.compile; reduce-overhead "
+                                                             "records CUDA graphs (GPU runs).")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps and at the end; 0: only at the end.")
     eval_batches: int = Field(10, ge=0, description="Batches per evaluation per data-parallel rank; 0: no evaluation.")
@@ -122,6 +128,9 @@ class Config(_Section):
         if self.parallel.engine == "deepspeed" and self.train.nonfinite_loss == "skip":
             raise ValueError("train.nonfinite_loss=skip is not possible with parallel.engine=deepspeed (DeepSpeed "
                              "counts micro-batches to place its updates); use stop, or engine fsdp")
+        if self.parallel.engine == "deepspeed" and self.train.compile:
+            raise ValueError("train.compile is not wired for parallel.engine=deepspeed (DeepSpeed wraps the model "
+                             "itself); use engine fsdp or none, or compile: false")
         return self
 
     @property

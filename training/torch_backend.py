@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from parallelism.compile import apply_compile
 from training.backend import DistContext, EvalFn, StepFn, StepResult, all_reduce_mean, autocast_context
 from training.checkpoint import torch_state
 from training.config import Config
@@ -39,7 +40,7 @@ class TorchBackend:
     def __init__(self, cfg: Config, ctx: DistContext, model: nn.Module) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.model = model
+        self.model = apply_compile(model, cfg.train.compile_mode) if cfg.train.compile else model
         self.optimizer = adamw_for(model, cfg.optim)
         self.scheduler = build_schedule(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16"

@@ -22,9 +22,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributed.tensor import DTensor
 
 from parallelism import ParallelDims, parallelize
+from parallelism.compile import apply_compile
 from parallelism.config import ParallelConfig
 from parallelism.mesh import build_mesh, finish_collectives, init_distributed
 from translution_dist.models import ModelConfig, build_model
@@ -102,14 +104,17 @@ def _assert_close(actual: Tensor, expected: Tensor, what: str, tol: float) -> fl
 
 
 def compare_with_single_process(rank: int, world_size: int, model_fields: dict, parallel_fields: dict,
-                                steps: int = 3, tol: float = 1e-5, checkpoint_dir: str | None = None) -> dict:
+                                steps: int = 3, tol: float = 1e-5, checkpoint_dir: str | None = None,
+                                compile_backend: str | None = None) -> dict:
     """Train a parallelized model and the same model in this process side by side; assert they agree.
 
     Both start from the same seed and take ``steps`` AdamW steps on the same batches; every
     step's loss, every gradient (gathered with ``full_tensor``) and the final weights must
     match within ``tol``. Returns the largest differences seen; with ``checkpoint_dir``, the
     parallel model is saved there with DCP and the result holds the reference's final
-    ``state_dict`` under ``"reference_state"``.
+    ``state_dict`` under ``"reference_state"``. With ``compile_backend`` the parallel model's
+    blocks are compiled (:func:`parallelism.compile.apply_compile`) after sharding, as the
+    trainer does, and the result holds the number of graphs traced under ``"graphs"``.
     """
     model_config = ModelConfig(**model_fields)
     dims = ParallelDims.resolve(ParallelConfig(**parallel_fields), world_size)
@@ -117,6 +122,10 @@ def compare_with_single_process(rank: int, world_size: int, model_fields: dict, 
     reference = build_model(model_config)
     model = copy.deepcopy(reference)
     parallelize(model, dims, build_mesh(dims, "cpu"))
+    counter = None
+    if compile_backend is not None:
+        counter = CompileCounterWithBackend(compile_backend)
+        apply_compile(model, backend=counter)
     # eps well above fp32 noise: Adam's first steps are ~lr·sign(g), which a 1e-8 difference in a
     # near-zero gradient could flip.
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-4, foreach=False) for m in (reference, model)]
@@ -145,7 +154,7 @@ def compare_with_single_process(rank: int, world_size: int, model_fields: dict, 
     if checkpoint_dir is not None:
         dcp.save(model.state_dict(), checkpoint_id=checkpoint_dir)
         return {**worst, "reference_state": reference.state_dict()}
-    return worst
+    return worst if counter is None else {**worst, "graphs": counter.frame_count}
 
 
 def compare_cases(rank: int, world_size: int, cases: dict[str, dict[str, Any]]) -> dict[str, dict | str]:

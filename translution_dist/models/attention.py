@@ -17,17 +17,18 @@ from torch import Tensor, nn
 from translution_dist.ops import (
     DisplacementBank,
     ImageGridLayout,
+    PlanSpec,
     RelativeLayout,
     in_compute_dtype,
-    pair_plan,
     pair_scores,
     pair_values,
     pairs_per_chunk,
 )
+from translution_dist.ops.layouts import layout_id
 
 RELATIVE_SUBSETS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
 DEFAULT_PAIR_CHUNK_BYTES = 64 << 20
-"""Memory one step of the kernels may use for per-pair rows (see ``pair_plan``)."""
+"""Memory one step of the kernels may use for per-pair rows (see ``translution_dist.ops.pair_plan``)."""
 
 
 def _split_heads(x: Tensor, dim_head: int) -> Tensor:
@@ -44,6 +45,28 @@ def _masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def allowed_pairs(layout: RelativeLayout) -> Tensor:
+    """``[T, T]`` bool for the layout's longest sequence (``T = max_tokens``); a shorter causal
+    sequence's mask is its top-left corner."""
+    key_index, _ = layout.index_maps(layout.max_tokens)
+    return key_index >= 0
+
+
+def register_layout_buffer(module: nn.Module, name: str, host: Tensor | None) -> None:
+    """A non-persistent buffer computed from the layout: built once (here, on the default device,
+    meta included) so that no forward copies it from the host; ``reset_parameters`` refills it."""
+    buffer = None if host is None else torch.empty(host.shape, dtype=host.dtype)
+    module.register_buffer(name, buffer, persistent=False)
+    fill_layout_buffer(module, name, lambda: host)
+
+
+@torch.no_grad()
+def fill_layout_buffer(module: nn.Module, name: str, compute: Callable[[], Tensor]) -> None:
+    buffer = getattr(module, name)
+    if buffer is not None and buffer.device.type != "meta":
+        buffer.copy_(compute())
 
 
 def chunk_bounds(num_rows: int, num_chunks: int) -> list[tuple[int, int]]:
@@ -66,6 +89,7 @@ class _BankChunk(nn.Module):
                  sides: str, dim_head: int) -> None:
         super().__init__()
         self.layout = layout
+        self.layout_id = layout_id(layout)  # what the kernels' custom operators take (an int)
         self.rows = (start, stop)
         self.dim_head = dim_head
         self.pair_chunk_bytes = DEFAULT_PAIR_CHUNK_BYTES
@@ -76,9 +100,10 @@ class _BankChunk(nn.Module):
         bank = getattr(self, side, None)
         return None if bank is None else bank.weight
 
-    def _plan(self, n: int, batch: int, bytes_per_pair_row: int):
+    def _plan(self, n: int, batch: int, bytes_per_pair_row: int) -> PlanSpec:
+        """The plan as ints (built by the kernel when it runs; never traced by torch.compile)."""
         budget = pairs_per_chunk(batch, bytes_per_pair_row, self.pair_chunk_bytes)
-        return pair_plan(self.layout, n, budget, self.rows)
+        return PlanSpec(self.layout_id, n, budget, *self.rows)
 
 
 class ScoreBankChunk(_BankChunk):
@@ -117,10 +142,19 @@ class RelativeAttentionBase(nn.Module):
         self.dim_head = dim_head
         self.row_softmax: Callable[[Tensor, Tensor | None], Tensor] = _masked_softmax
         self.attn_dropout = nn.Dropout(dropout)
+        register_layout_buffer(self, "allowed", None if layout.all_pairs_allowed else allowed_pairs(layout))
+
+    def reset_parameters(self) -> None:
+        """Fill the computed buffers (also after ``to_empty`` from the meta device)."""
+        fill_layout_buffer(self, "allowed", lambda: allowed_pairs(self.layout))
+
+    def attention_mask(self, n: int) -> Tensor | None:
+        """``[n, n]`` bool on the layer's device, True where a pair is allowed; ``None`` when all are."""
+        return None if self.allowed is None else self.allowed[:n, :n]
 
     def _attend(self, scores: Tensor) -> Tensor:
         """Attention probabilities (softmax over the allowed keys), with dropout."""
-        return self.attn_dropout(self.row_softmax(scores, self.layout.attention_mask(scores.shape[-1])))
+        return self.attn_dropout(self.row_softmax(scores, self.attention_mask(scores.shape[-1])))
 
     def _make_banks(self, sides: str, in_features: int, out_features: int, bank_chunks: int, dim_head: int) -> None:
         bounds = chunk_bounds(self.layout.num_displacements, bank_chunks)
@@ -304,6 +338,8 @@ class SelfAttention(nn.Module):
         self.out_dropout = nn.Dropout(dropout)
         if position == "relative_bias":
             self.bias_table = nn.Parameter(torch.empty(layout.num_displacements, heads))
+        register_layout_buffer(self, "key_index", layout.index_maps(layout.max_tokens)[0]
+                               if position == "relative_bias" else None)
         self.rotary = RotaryEmbedding(layout, dim_head, rope_convention) if position == "rope" else None
         self.reset_parameters()
 
@@ -311,6 +347,7 @@ class SelfAttention(nn.Module):
         """Initialise what this layer owns directly (also after ``to_empty`` from the meta device)."""
         if self.position == "relative_bias":
             nn.init.trunc_normal_(self.bias_table, std=0.02)
+        fill_layout_buffer(self, "key_index", lambda: self.layout.index_maps(self.layout.max_tokens)[0])
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[1]
@@ -319,8 +356,7 @@ class SelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         if self.position == "relative_bias":
-            key_index, _ = self.layout.index_maps(n)
-            key_index = key_index.to(x.device)
+            key_index = self.key_index[:n, :n]
             mask = self.bias_table[key_index.clamp(min=0)].permute(2, 0, 1).to(q.dtype)
             if self.causal:
                 mask = mask.masked_fill(key_index < 0, float("-inf"))
@@ -359,18 +395,24 @@ class RotaryEmbedding(nn.Module):
         if dim_head % (2 * self.axes):
             raise ValueError(f"rope needs dim_head divisible by {2 * self.axes}, got {dim_head}")
         self.register_buffer("freqs", torch.empty(dim_head // self.axes // 2), persistent=False)
+        register_layout_buffer(self, "positions", self._positions())
         self.reset_parameters()
+
+    def _positions(self) -> Tensor:
+        """Integer positions, kept as int64 so that casting the model (``.to(bfloat16)``) cannot round them."""
+        origin = 1 if self.convention == "project" else 0
+        return rope_positions(self.layout, self.layout.max_tokens, origin).long()
 
     def reset_parameters(self) -> None:
         if self.freqs.device.type != "meta":
             with torch.no_grad():
                 self.freqs.copy_(rope_frequencies(self.freqs.numel() * 2))
+        fill_layout_buffer(self, "positions", self._positions)
 
     def angles(self, n: int) -> Tensor:
         """``[n, d/2]`` float32 angles, pair by pair (an image grid's row pairs first)."""
-        positions = rope_positions(self.layout, n, origin=1 if self.convention == "project" else 0)
         freqs = self.freqs.float()  # float32 even in a float64 model: the official caches are float32
-        return (positions.to(freqs.device)[:, :, None] * freqs).flatten(1)
+        return (self.positions[:n].float()[:, :, None] * freqs).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         angles = self.angles(x.shape[-2])

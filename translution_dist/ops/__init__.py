@@ -2,7 +2,7 @@
 
 from translution_dist.ops.bank import DisplacementBank
 from translution_dist.ops.layouts import CausalLayout, ImageGridLayout, RelativeLayout
-from translution_dist.ops.pair_plan import PairChunk, PairPlan, pair_plan, pairs_per_chunk
+from translution_dist.ops.pair_plan import PairChunk, PairPlan, PlanSpec, pair_plan, pairs_per_chunk, plan_spec
 from translution_dist.ops.relative_attention import in_compute_dtype, pair_scores, pair_values
 
 __all__ = [
@@ -11,10 +11,12 @@ __all__ = [
     "ImageGridLayout",
     "PairChunk",
     "PairPlan",
+    "PlanSpec",
     "RelativeLayout",
     "in_compute_dtype",
     "pair_plan",
     "pairs_per_chunk",
+    "plan_spec",
     "pair_scores",
     "pair_values",
 ]

@@ -91,16 +91,42 @@ class RelativeLayout(ABC):
         return rows
 
     def attention_mask(self, n: int) -> torch.Tensor | None:
-        """``[n, n]`` bool, True where a pair is allowed; ``None`` when every pair is."""
+        """``[n, n]`` bool, True where a pair is allowed; ``None`` when every pair is.
+
+        A host tensor, built once per ``n``: layers keep their own copy on the device
+        (a buffer) rather than calling this per step.
+        """
         key_index, _ = self.index_maps(n)
         allowed = key_index >= 0
-        return None if bool(allowed.all()) else allowed
+        return None if self.all_pairs_allowed else allowed
+
+    @property
+    def all_pairs_allowed(self) -> bool:
+        """Whether every (query, key) pair is allowed at every length (no mask needed)."""
+        return True
 
     def pair_counts(self, n: int | None = None) -> torch.Tensor:
         """Number of token pairs that use each key-side displacement, shape ``[K]``."""
         key_index, _ = self.index_maps(n or self.max_tokens)
         valid = key_index[key_index >= 0]
         return torch.bincount(valid, minlength=self.num_displacements)
+
+
+_LAYOUTS: list[RelativeLayout] = []
+_LAYOUT_IDS: dict[RelativeLayout, int] = {}
+
+
+def layout_id(layout: RelativeLayout) -> int:
+    """A process-wide int naming ``layout`` (equal layouts share one): how compiled graphs refer to it."""
+    if layout not in _LAYOUT_IDS:
+        _LAYOUT_IDS[layout] = len(_LAYOUTS)
+        _LAYOUTS.append(layout)
+    return _LAYOUT_IDS[layout]
+
+
+def layout_by_id(index: int) -> RelativeLayout:
+    """The layout :func:`layout_id` named ``index``."""
+    return _LAYOUTS[index]
 
 
 @functools.lru_cache(maxsize=64)
@@ -175,6 +201,10 @@ class CausalLayout(RelativeLayout):
     @property
     def mirror(self) -> torch.Tensor:
         return torch.arange(self.context_length - 1, -1, -1, device="cpu")
+
+    @property
+    def all_pairs_allowed(self) -> bool:
+        return self.context_length == 1
 
     def _index_maps(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(n)

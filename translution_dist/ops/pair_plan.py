@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
-from translution_dist.ops.layouts import RelativeLayout
+from translution_dist.ops.layouts import RelativeLayout, layout_by_id, layout_id
 
 CHUNK_COST_PAIRS = 8
 """Fixed cost of one more chunk (op launches, Python), in units of one padded pair's work."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared (and cached) by identity
 class PairChunk:
     """A group of displacements whose pairs are processed together.
 
@@ -46,18 +47,48 @@ class PairChunk:
         d, p = self.query_tokens.shape
         return d, p
 
-    # Derived views the operators use on every call (computed once per chunk).
-    @functools.cached_property
+    @property
     def query_index(self) -> torch.Tensor:
-        return self.query_tokens.flatten()
+        """``[D·P]`` query tokens (a view: plain fields, no cached state to trace or lock)."""
+        return self.query_tokens.view(-1)
 
-    @functools.cached_property
+    @property
     def key_index(self) -> torch.Tensor:
-        return self.key_tokens.flatten()
+        return self.key_tokens.view(-1)
 
-    @functools.cached_property
+    @property
     def bank_slice(self) -> slice | None:
         return None if self.row_slice is None else slice(*self.row_slice)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A scatter-add ``out[index] += src`` as sums over runs of equal targets, in a fixed order.
+
+    ``order`` sorts the source rows by target (stably), ``lengths`` counts each distinct
+    target's rows and ``targets`` names them; a segment sum then adds each target's rows in
+    one fixed order and writes every target once, so the result does not depend on how a
+    GPU schedules atomics.
+    """
+
+    order: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def of(cls, index: torch.Tensor) -> Segments:
+        order = torch.argsort(index, stable=True)
+        targets, lengths = torch.unique_consecutive(index[order], return_counts=True)
+        return cls(order, lengths, targets)
+
+
+@functools.lru_cache(maxsize=4096)
+def chunk_segments(chunk: PairChunk) -> tuple[Segments, Segments]:
+    """``(query, key)`` :class:`Segments` of a chunk, built on its device when first asked for.
+
+    Only the deterministic mode uses them, so plans do not carry them otherwise.
+    """
+    return Segments.of(chunk.query_index), Segments.of(chunk.key_index)
 
 
 @dataclass(frozen=True)
@@ -72,9 +103,31 @@ class PairPlan:
     num_pairs: int
     num_rows: int
     idle_rows: torch.Tensor
+    spec: PlanSpec | None = None  # how to build it again: what a compiled graph passes to the operators
 
     def to(self, device: torch.device) -> PairPlan:
         return _plan_on_device(self, device)
+
+
+class PlanSpec(NamedTuple):
+    """A plan named by ints only (a layout's registry id, ``n``, the chunk bound, the bank rows).
+
+    This is what the kernels' custom operators take: a traced graph holds these constants,
+    and the operator looks the plan up (built once, cached per device) when it runs.
+    """
+
+    layout: int
+    num_tokens: int
+    max_pairs: int
+    start: int
+    stop: int
+
+    def plan(self, device: torch.device | None = None) -> PairPlan:
+        plan = _build_plan(layout_by_id(self.layout), self.num_tokens, self.max_pairs, self.start, self.stop)
+        return plan if device is None else plan.to(device)
+
+
+_TENSOR_FIELDS = ("rows", "query_tokens", "key_tokens", "flat_pairs")
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,8 +135,7 @@ def _plan_on_device(plan: PairPlan, device: torch.device) -> PairPlan:
     if device.type == "cpu":
         return plan
     moved = tuple(
-        replace(c, **{name: getattr(c, name).to(device, non_blocking=True)
-                      for name in ("rows", "query_tokens", "key_tokens", "flat_pairs")})
+        replace(c, **{name: getattr(c, name).to(device, non_blocking=True) for name in _TENSOR_FIELDS})
         for c in plan.chunks
     )
     return replace(plan, chunks=moved, idle_rows=plan.idle_rows.to(device, non_blocking=True))
@@ -108,12 +160,18 @@ def pair_plan(
     ``start``; by default all ``K`` rows. ``max_pairs_per_chunk`` bounds ``D·P`` of every
     chunk except one that holds a single displacement with more pairs than that.
     """
+    return plan_spec(layout, num_tokens, max_pairs_per_chunk, rows).plan()
+
+
+def plan_spec(layout: RelativeLayout, num_tokens: int, max_pairs_per_chunk: int,
+              rows: tuple[int, int] | None = None) -> PlanSpec:
+    """The :class:`PlanSpec` of :func:`pair_plan`'s plan (checked, not built)."""
     if max_pairs_per_chunk < 1:
         raise ValueError("max_pairs_per_chunk must be positive")
     start, stop = rows if rows is not None else (0, layout.num_displacements)
     if not 0 <= start <= stop <= layout.num_displacements:
         raise ValueError(f"rows {rows} outside 0..{layout.num_displacements}")
-    return _build_plan(layout, num_tokens, max_pairs_per_chunk, start, stop)
+    return PlanSpec(layout_id(layout), num_tokens, max_pairs_per_chunk, start, stop)
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,6 +203,7 @@ def _plan_cpu(layout: RelativeLayout, n: int, max_pairs: int, start: int, stop: 
         num_pairs=int(pair_ids.numel()),
         num_rows=stop - start,
         idle_rows=torch.nonzero(counts == 0).flatten(),
+        spec=PlanSpec(layout_id(layout), n, max_pairs, start, stop),
     )
 
 
@@ -176,10 +235,11 @@ def _make_chunk(rows: list[int], counts: list[int], firsts: list[int], pair_ids:
     pad = flat == n * n
     step = rows[1] - rows[0] if len(rows) > 1 else 1
     strided = all(b - a == step for a, b in zip(rows, rows[1:]))
+    query_tokens, key_tokens = torch.where(pad, n, flat // n), torch.where(pad, n, flat % n)
     return PairChunk(
         rows=torch.tensor(rows),
-        query_tokens=torch.where(pad, n, flat // n),
-        key_tokens=torch.where(pad, n, flat % n),
+        query_tokens=query_tokens,
+        key_tokens=key_tokens,
         flat_pairs=flat.flatten(),
         row_slice=(rows[0], rows[-1] + 1, step) if strided else None,
     )
