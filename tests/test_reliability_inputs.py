@@ -7,16 +7,24 @@ replaced by a failure); a few rows run again as real commands for the exit statu
 
 from __future__ import annotations
 
+import io
+import logging
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import yaml
+from PIL import Image
 
 from launcher import launch_command
 from launcher.cli import main
 from reliability.harness import launch_cmd, run, train_cmd, write_config
+from translution_dist.data import IGNORE_INDEX, DataConfig, build_dataloader
+from translution_dist.data.shards import SplitWriter, write_index
 
 GOOD = "{tmp}/good.yaml"  # a valid tiny config, engine none (files written by the `inputs` fixture)
 FSDP = "{tmp}/fsdp.yaml"  # the same with engine fsdp, for launch
@@ -188,3 +196,79 @@ def test_a_dotted_override_survives_a_section_override_in_either_order(inputs, m
     overrides = [section, dotted] if order == "section first" else [dotted, section]
     cfg = load_config(tmp / "good.yaml", overrides)
     assert (cfg.model.depth, cfg.model.mlp_dim) == (1, 40)
+
+
+# -- hostile samples: each is skipped, counted and named; the rest of the split is read ------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid 1-bit PNG of ``side``×``side`` zero pixels: a few KB that inflate to ``side² / 8`` bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed pixels
+    data = b"".join(rows.compress(row) for _ in range(side)) + rows.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def _image_set(directory: Path, bad: dict) -> Path:
+    """An 8-sample ``mnist``-kind set of 8x8 images, labels 0..9; sample 3 gets the fields in ``bad``."""
+    directory.mkdir()
+    writer = SplitWriter(directory, "train", 4)
+    for k in range(8):
+        sample = {"__key__": f"train-{k:06d}", "image.png": _png(Image.new("L", (8, 8), k)), "cls": k}
+        writer.write({**sample, **bad} if k == 3 else sample)
+    write_index(directory, kind="mnist", builder="test", params={}, splits={"train": writer.close()},
+                sample_keys=["image.png", "cls"],
+                extra={"image": {"key": "image.png", "mode": "L", "size": 8, "mean": [0.5], "std": [0.5]},
+                       "num_classes": 10})
+    return directory
+
+
+def _text_set(directory: Path, bad: dict) -> Path:
+    """An 8-sample ``text`` set with a vocabulary of 50 (windows of 3 tokens); sample 3 gets ``bad``."""
+    directory.mkdir()
+    writer = SplitWriter(directory, "train", 4)
+    for k in range(8):
+        sample = {"__key__": f"train-{k:06d}", "tokens.npy": np.full(3, k, np.uint16)}
+        writer.write({**sample, **bad} if k == 3 else sample)
+    write_index(directory, kind="text", builder="test", params={}, splits={"train": writer.close()},
+                sample_keys=["tokens.npy"], extra={"text": {"context_length": 2, "window": 3, "vocab_size": 50}})
+    return directory
+
+
+# id: (kind, set builder, what sample 3 holds, words of the warning)
+HOSTILE_SAMPLES = {
+    "PNG decompression bomb": ("mnist", _image_set, {"image.png": _png_bomb(20_000)}, ["DecompressionBombError"]),
+    "PNG bomb under PIL's limit": ("mnist", _image_set, {"image.png": _png_bomb(9_000)},  # refused from its header
+                                   ["image is 9000x9000, expected 8x8"]),
+    "label past the classes": ("mnist", _image_set, {"cls": 10}, ["label 10 is outside", "10 classes"]),
+    "negative label": ("mnist", _image_set, {"cls": -1}, ["label -1 is outside"]),
+    "token id past the vocabulary": ("text", _text_set, {"tokens.npy": np.array([1, 50, 2], np.uint16)},
+                                     ["token ids 1..50 are outside", "vocabulary (0..49"]),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_SAMPLES)
+def test_hostile_sample_is_skipped_counted_and_named(case, tmp_path, caplog):
+    kind, build, bad, words = HOSTILE_SAMPLES[case]
+    path = build(tmp_path / "set", bad)
+    loader, state = build_dataloader(DataConfig(kind=kind, path=path), split="train", dp_rank=0, dp_size=1,
+                                     batch_size=4, seed=0, train=False)
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)  # the split once; the last batch is padded with repeats (IGNORE_INDEX targets)
+    kept = [int(x.flatten()[0]) if kind == "text" else int(y) for inputs, targets in batches
+            for x, y in zip(inputs, targets) if y.flatten()[0] != IGNORE_INDEX]
+    assert kept == [0, 1, 2, 4, 5, 6, 7]
+    assert state.skipped_samples >= 1 and state.metrics()["data/skipped_samples"] == state.skipped_samples
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all(m.startswith("skipping sample train-000003: ") for m in warnings), warnings
+    assert all(word in warnings[0] for word in words), warnings[0]
