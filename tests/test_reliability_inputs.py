@@ -28,6 +28,8 @@ from translution_dist.data.shards import SplitWriter, write_index
 
 GOOD = "{tmp}/good.yaml"  # a valid tiny config, engine none (files written by the `inputs` fixture)
 FSDP = "{tmp}/fsdp.yaml"  # the same with engine fsdp, for launch
+GPT_ON_TOKENS = ["model.arch=gpt", "model.context_length=8", "model.vocab_size=64", "data.synthetic.task=text",
+                 "data.synthetic.context_length=8", "data.synthetic.vocab_size=64"]  # a model that fits its data
 
 # id: (argv, words the message must hold, environment)
 CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
@@ -75,6 +77,14 @@ CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
                                 ["run.output_dir: cannot write the run directory", "Not a directory"], {}),
     "output dir read-only": (["train", GOOD, "run.output_dir={ro}/runs"],
                              ["run.output_dir: cannot write the run directory", "Read-only file system"], {}),
+    "model vocabulary smaller than the data's": (["train", GOOD, *GPT_ON_TOKENS, "model.vocab_size=32"],
+                                                 ["model.vocab_size=32 but the data's vocabulary is 64",
+                                                  "set model.vocab_size=64"], {}),
+    "model context shorter than the data's": (["train", GOOD, *GPT_ON_TOKENS, "model.context_length=4"],
+                                              ["model.context_length=4 but the data's context length is 8"], {}),
+    "model with fewer classes than the data": (["launch", FSDP, "model.num_classes=5", "--nproc-per-node", "2"],
+                                               ["model.num_classes=5 but the data's number of classes is 10"], {}),
+    "language model on images": (["train", GOOD, "model.arch=gpt"], ["model.arch=gpt needs token data"], {}),
     "fault hook misspelt": (["train", GOOD], ["TRANSLUTION_FAULT: cannot parse 'kil@step:3'"],
                             {"TRANSLUTION_FAULT": "kil@step:3"}),
     # command lines
@@ -166,6 +176,17 @@ def test_launch_refuses_missing_data_before_starting_processes(inputs, capsys, m
             "--nproc-per-node", "2"]
     assert _exit_code(argv) == 2
     assert "data: no index.json" in capsys.readouterr().err
+
+
+def test_a_model_larger_than_its_data_is_accepted_with_a_note(inputs):
+    from training.config import load_config
+    from training.run import check_data
+
+    good = load_config(GOOD.format(**inputs), GPT_ON_TOKENS)
+    assert check_data(good) == []
+    notes = check_data(load_config(GOOD.format(**inputs), [*GPT_ON_TOKENS, "model.vocab_size=100"]))
+    assert notes == ["model.vocab_size=100 exceeds the data's vocabulary of 64: 36 outputs are never a target (it "
+                     "trains; set model.vocab_size=64 unless padded on purpose)"]
 
 
 @pytest.mark.multiprocess

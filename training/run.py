@@ -31,6 +31,7 @@ from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
+from training.tasks import check_model_fits_data
 from training.torch_backend import TorchBackend
 from training.trainer import Trainer, TrainResult
 from translution_dist.data.loader import build_dataloader
@@ -98,14 +99,20 @@ def build_backend(cfg: Config, ctx: DistContext) -> TrainingBackend:
     return TorchBackend(cfg, ctx, build_sharded_model(cfg, ctx))
 
 
-def check_data(cfg: Config) -> None:
-    """Open the configured splits, so that missing or mismatched data is refused before any process starts."""
+def check_data(cfg: Config) -> list[str]:
+    """Open the configured splits and hold the model against them, so that missing data, or data the model
+    cannot take, is refused before any process or process group starts. Returns notes to log."""
     try:
-        open_source(cfg.data, "train")
+        _, _, info = open_source(cfg.data, "train")
         if cfg.train.eval_batches:
             open_source(cfg.data, "test")
     except (OSError, ValueError) as err:
         raise ConfigError(f"data: {err}") from err
+    try:
+        return check_model_fits_data(cfg.model, info)
+    except ValueError as err:
+        where = f"data.path={cfg.data.path}" if cfg.data.path else "data.synthetic"
+        raise ConfigError(f"{err}; data: {where}") from err
 
 
 def build_loaders(cfg: Config, ctx: DistContext) -> dict:
@@ -161,8 +168,12 @@ def _with_faults(trainer: Trainer) -> None:
 
 
 def train(cfg: Config) -> TrainResult:
+    notes = check_data(cfg)
     ctx = setup(cfg)
     _configure_logging(ctx.rank)
+    if ctx.is_main:
+        for note in notes:
+            log.warning("%s", note)
     lock = None
     try:
         backend = build_backend(cfg, ctx)
