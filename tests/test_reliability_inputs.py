@@ -8,6 +8,7 @@ replaced by a failure); a few rows run again as real commands for the exit statu
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
 import subprocess
@@ -293,3 +294,19 @@ def test_hostile_sample_is_skipped_counted_and_named(case, tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and all(m.startswith("skipping sample train-000003: ") for m in warnings), warnings
     assert all(word in warnings[0] for word in words), warnings[0]
+
+
+def test_an_index_that_over_claims_samples_fails_inspection(tmp_path, capsys):
+    """Checksums match, but index.json says a shard holds more samples than it does (hand-edited, or another tool)."""
+    path = _text_set(tmp_path / "set", {})
+    index = json.loads((path / "index.json").read_text())
+    index["splits"]["train"]["shards"][1]["samples"] = 6
+    index["splits"]["train"]["samples"] = 10
+    (path / "index.json").write_text(json.dumps(index))
+    assert _exit_code(["data", "inspect", str(path)]) == 1
+    report = capsys.readouterr().out
+    assert "BAD train-000001.tar: holds 4 samples, index.json says 6" in report and "1 problem(s)" in report
+    index["splits"]["train"]["samples"] = 12  # the split's total disagrees with its shards too
+    (path / "index.json").write_text(json.dumps(index))
+    assert _exit_code(["data", "inspect", str(path)]) == 1
+    assert "BAD split train: index.json says 12 samples, its shards list 10" in capsys.readouterr().out
