@@ -85,24 +85,24 @@ def check_model_fits_data(model: ModelConfig, info: DataInfo) -> list[str]:
         if info.vocab_size is None:
             raise ValueError(f"model.arch=gpt needs token data, but the data ({info.kind}) holds images; set data.kind "
                              "and data.path to a set written by `translution data text`")
-        pairs = [("model.vocab_size", model.vocab_size, info.vocab_size, "vocabulary"),
-                 ("model.context_length", model.context_length, info.input_shape[0], "context length")]
-        smaller = [p for p in pairs if p[1] < p[2]]
-        larger = [pairs[0]] if model.vocab_size > info.vocab_size else []
+        outputs = ("model.vocab_size", model.vocab_size, info.vocab_size, "vocabulary")
+        at_least = [outputs, ("model.context_length", model.context_length, info.input_shape[0], "context length")]
+        equal = []
     else:
         if info.num_classes is None:
             raise ValueError(f"model.arch=vit needs image data, but the data ({info.kind}) holds tokens; set data.kind "
                              "and data.path to an image set (`translution data mnist` or `image-folder`)")
-        channels, size = info.input_shape[0], info.input_shape[-1]
-        pairs = [("model.num_classes", model.num_classes, info.num_classes, "number of classes")]
-        smaller = [p for p in pairs if p[1] < p[2]]
-        larger = [p for p in pairs if p[1] > p[2]]
-        smaller += [(key, ours, theirs, what) for key, ours, theirs, what in (
-            ("model.image_size", model.image_size, size, "image size"),
-            ("model.channels", model.channels, channels, "channels")) if ours != theirs]
-    if smaller:
-        raise ValueError("; ".join(
-            f"{key}={ours} but the data's {what} is {theirs}: set {key}={theirs}" for key, ours, theirs, what in smaller)
-            + " (the model must cover what the data holds)")
+        outputs = ("model.num_classes", model.num_classes, info.num_classes, "number of classes")
+        at_least = [outputs]
+        equal = [("model.image_size", model.image_size, info.input_shape[-1], "image size"),
+                 ("model.channels", model.channels, info.input_shape[0], "channels")]
+    wrong = [field for field in at_least if field[1] < field[2]] + [field for field in equal if field[1] != field[2]]
+    if wrong:
+        fixes = [f"{key}={ours} but the data's {what} is {theirs}: set {key}={theirs}"
+                 for key, ours, theirs, what in wrong]
+        raise ValueError("; ".join(fixes) + " (the model must cover what the data holds)")
+    key, ours, theirs, what = outputs
+    if ours == theirs:
+        return []
     return [f"{key}={ours} exceeds the data's {what} of {theirs}: {ours - theirs} outputs are never a target "
-            f"(it trains; set {key}={theirs} unless padded on purpose)" for key, ours, theirs, what in larger]
+            f"(it trains; set {key}={theirs} unless padded on purpose)"]
