@@ -29,6 +29,8 @@ from translution_dist.data.shards import SplitWriter, write_index
 
 GOOD = "{tmp}/good.yaml"  # a valid tiny config, engine none (files written by the `inputs` fixture)
 FSDP = "{tmp}/fsdp.yaml"  # the same with engine fsdp, for launch
+ALIAS_BOMB = "[&a0 [x, x, x, x, x, x, x, x, x], " + ", ".join(  # "billion laughs": 9^9 values in 9 lines
+    f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)) + "]"
 GPT_ON_TOKENS = ["model.arch=gpt", "model.context_length=8", "model.vocab_size=64", "data.synthetic.task=text",
                  "data.synthetic.context_length=8", "data.synthetic.vocab_size=64"]  # a model that fits its data
 
@@ -59,6 +61,11 @@ CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
     "override without =": (["train", GOOD, "train.steps"], ["expected KEY=VALUE"], {}),
     "override into a value": (["train", GOOD, "run.name.first=x"], ["'run.name' is not a section"], {}),
     "override not YAML": (["train", GOOD, "train.steps=[1"], ["value is not valid YAML"], {}),
+    "override an alias bomb": (["train", GOOD, f"train.steps={ALIAS_BOMB}"],
+                               ["override of train.steps", "expands to more than 100,000 values"], {}),
+    "override nested 500 deep": (["train", GOOD, "train.steps=" + "[" * 500 + "]" * 500],
+                                 ["override of train.steps", "nested more than 32 levels"], {}),
+    "config an alias bomb": (["train", "{tmp}/bomb.yaml"], ["bomb.yaml expands to more than 100,000 values"], {}),
     # layouts
     "tp not dividing heads": (["launch", FSDP, "parallel.tp=3", "--nproc-per-node", "3"],
                               ["tp=3 must divide heads=2"], {}),
@@ -122,6 +129,7 @@ def inputs(tmp_path_factory):
     (tmp / "extra.yaml").write_text(yaml.safe_dump({**good, "frobnicate": 1}))
     (tmp / "nomodel.yaml").write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "model"}))
     (tmp / "include.yaml").write_text(yaml.safe_dump({**good, "model": "models/nothere.yaml"}))
+    (tmp / "bomb.yaml").write_text(yaml.safe_dump(good) + f"run_notes: {ALIAS_BOMB}\n")
     ro = tmp / "readonly"
     ro.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True,
@@ -198,9 +206,10 @@ def test_real_commands_exit_2(inputs):
         (train_cmd(tmp / "extra.yaml"), "frobnicate: unknown key"),
         (train_cmd(tmp / "good.yaml", "data.kind=image_folder", f"data.path={tmp}/nodata"), "data: no index.json"),
         (launch_cmd(tmp / "fsdp.yaml", "parallel.dp_shard=3", nproc=2), "do not match the world size 2"),
+        (train_cmd(tmp / "good.yaml", f"train.steps={ALIAS_BOMB}"), "expands to more than 100,000 values"),
     ]
     for cmd, words in rows:
-        result = run(cmd, expect=2, timeout=120)
+        result = run(cmd, expect=2, timeout=120)  # the alias bomb ran for ever (printing its repr) and grew to GBs
         assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not _leftovers(tmp)
 
