@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training.backend import DistContext, StepResult, TrainingBackend, compute_dtype
+from training.checkpoint.safetensors_file import TensorEntry, write_safetensors
 from training.checkpoint.store import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from training.config import Config, flatten
 from training.hardware import device_peak_flops
@@ -39,6 +41,10 @@ log = logging.getLogger("translution.train")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradients became NaN/inf and the config says to stop."""
+
+
+class ArtifactError(RuntimeError):
+    """The plots or the exported model could not be written (a full disk); the final checkpoint is complete."""
 
 
 @dataclass
@@ -282,20 +288,47 @@ class Trainer:
         return metrics
 
     def _finish_artifacts(self) -> None:
-        """Plots and the consolidated model; gathering the model is collective."""
+        """Plots and the consolidated model; gathering the model is collective, and so is a failure to write them.
+
+        Each file is written under a temporary name and renamed, so a full disk leaves no partial file;
+        every rank then raises the same :class:`ArtifactError`, which names the complete final checkpoint
+        to export the model from once there is space.
+        """
         export = self.cfg.tracking.enabled and self.cfg.tracking.log_model
         state = self.backend.full_model_state() if export else None
-        if self.tracker is None:
-            return
-        artifacts = self.run_dir / "artifacts"
+        error = None
+        if self.tracker is not None:
+            artifacts = self.run_dir / "artifacts"
+            try:
+                self._write_artifacts(artifacts, state)
+            except OSError as err:
+                error = (f"writing the run's artifacts under {artifacts} failed: {err.strerror or err}"
+                         f"{_free_space(artifacts)}; no partial file was left. The final checkpoint is complete: "
+                         f"free space, then `translution ckpt export {self.run_dir} --out model.safetensors`")
+        if self.ctx.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ArtifactError(error)
+
+    def _write_artifacts(self, artifacts: Path, state: dict[str, torch.Tensor] | None) -> None:
+        assert self.tracker is not None
         artifacts.mkdir(exist_ok=True)
         curves = {k: v for k, v in self.history.items() if k in ("loss", "lr", "grad_norm") or k.startswith("eval_")}
         self.tracker.log_artifact(plot_history(curves, artifacts / "curves.png", self.cfg.run.name), "plots")
         if state is not None:
-            from safetensors.torch import save_file
-
             path = artifacts / "model.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            tensors = [(name, t.detach().cpu().contiguous()) for name, t in state.items()]
+            write_safetensors(path, [TensorEntry(name, tuple(t.shape), t.dtype) for name, t in tensors], tensors,
+                              {"format": "pt"})
             self.tracker.log_artifact(path, "model")
             if self.cfg.tracking.register_model:
                 self.tracker.register_model("model", self.cfg.tracking.register_model)
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(directory).free} bytes free under {directory})"
+    except OSError:
+        return ""
