@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # may print the command for another machine, whose data is not here
         print(plan.shell())
         return 0
-    from training.run import check_data  # torch and the models: only when launching
+    from training.run import check_before_launch  # torch and the models: only when launching
 
-    check_data(cfg)
+    check_before_launch(cfg, nodes=plan.topology.nodes)
     execute(plan)

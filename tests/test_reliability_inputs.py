@@ -95,6 +95,13 @@ CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
     "language model on images": (["train", GOOD, "model.arch=gpt"], ["model.arch=gpt needs token data"], {}),
     "fault hook misspelt": (["train", GOOD], ["TRANSLUTION_FAULT: cannot parse 'kil@step:3'"],
                             {"TRANSLUTION_FAULT": "kil@step:3"}),
+    # what `train` refuses, `launch` refuses before torchrun starts (before: each rank's error in torchrun's traceback)
+    "launch output dir read-only": (["launch", FSDP, "run.output_dir={ro}/runs", "--nproc-per-node", "2"],
+                                    ["run.output_dir: cannot write the run directory", "Read-only file system"], {}),
+    "launch output dir under a file": (["launch", FSDP, "run.output_dir={tmp}/fsdp.yaml/runs", "--nproc-per-node", "2"],
+                                       ["run.output_dir: cannot write the run directory", "Not a directory"], {}),
+    "launch fault hook misspelt": (["launch", FSDP, "--nproc-per-node", "2"], ["TRANSLUTION_FAULT: cannot parse"],
+                                   {"TRANSLUTION_FAULT": "kil@step:3"}),
     # command lines
     "no command": ([], ["required: COMMAND"], {}),
     "unknown command": (["frobnicate"], ["invalid choice: 'frobnicate'"], {}),
@@ -198,6 +205,22 @@ def test_a_model_larger_than_its_data_is_accepted_with_a_note(inputs):
                      "trains; set model.vocab_size=64 unless padded on purpose)"]
 
 
+def test_launch_refuses_a_run_directory_in_use(tmp_path, capsys, monkeypatch):
+    from training.run_lock import RunDirectoryLock
+
+    monkeypatch.setattr(launch_command, "execute", _refuse_exec)
+    monkeypatch.delenv("TRANSLUTION_FAULT", raising=False)
+    config = write_config(tmp_path, "busy", parallel={"engine": "fsdp", "dp_shard": -1})
+    (tmp_path / "runs" / "busy").mkdir(parents=True)
+    lock = RunDirectoryLock(tmp_path / "runs" / "busy")
+    lock.acquire()  # a live run's rank 0
+    try:
+        assert _exit_code(["launch", str(config), "--nproc-per-node", "2"]) == 2
+        assert "run.name: " in (err := capsys.readouterr().err) and "is in use by another run" in err
+    finally:
+        lock.release()
+
+
 @pytest.mark.multiprocess
 def test_real_commands_exit_2(inputs):
     """What a shell sees: the exit status of the process, its message, and nothing left running."""
@@ -208,6 +231,9 @@ def test_real_commands_exit_2(inputs):
         (launch_cmd(tmp / "fsdp.yaml", "parallel.dp_shard=3", nproc=2), "do not match the world size 2"),
         (train_cmd(tmp / "good.yaml", f"train.steps={ALIAS_BOMB}"), "expands to more than 100,000 values"),
     ]
+    if inputs["ro"] is not None:  # before: torchrun started, each rank failed, a 40-line traceback and exit 1
+        rows.append((launch_cmd(tmp / "fsdp.yaml", f"run.output_dir={inputs['ro']}/runs", nproc=2),
+                     "run.output_dir: cannot write the run directory"))
     for cmd, words in rows:
         result = run(cmd, expect=2, timeout=120)  # the alias bomb ran for ever (printing its repr) and grew to GBs
         assert words in result.stderr and "Traceback" not in result.stderr, result.stderr

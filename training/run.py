@@ -9,9 +9,12 @@ process group entirely. The run installs the loop's wrappers: fault injection wh
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,7 @@ from parallelism.materialize import materialize
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
-from training.run_lock import RunDirectoryLock, RunDirectoryLocked
+from training.run_lock import RunDirectoryLock, RunDirectoryLocked, in_use
 from training.stall import diagnose_stalls
 from training.tasks import check_model_fits_data
 from training.torch_backend import TorchBackend
@@ -129,6 +132,45 @@ def build_loaders(cfg: Config, ctx: DistContext) -> dict:
     return loaders
 
 
+def _locked(reason: str) -> str:
+    return (f"run.name: {reason}; two runs in one directory would overwrite each other's checkpoints: wait for "
+            "that run to end, or choose another run.name or run.output_dir")
+
+
+def _unwritable(cfg: Config, err: OSError) -> str:
+    return (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
+            "choose a writable run.output_dir")
+
+
+def check_run_dir(cfg: Config, *, lock: bool) -> None:
+    """Refuse, as :func:`write_run_dir` would, a run directory that cannot be written or (``lock``) that a live
+    run holds, without creating anything: a probe file in the nearest existing directory, made and removed."""
+    existing = next(p for p in (cfg.run_dir, *cfg.run_dir.parents, Path(".")) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(_unwritable(cfg, err)) from err
+    holder = RunDirectoryLock(cfg.run_dir).holder() if lock else None
+    if holder is not None:
+        raise ConfigError(_locked(in_use(cfg.run_dir, holder)))
+
+
+def check_before_launch(cfg: Config, *, nodes: int) -> None:
+    """What every process of a run would refuse at start-up, checked once before any is started.
+
+    ``translution launch`` calls it, so that bad input ends there with exit code 2 and one line,
+    as ``translution train`` alone does, not with a rank's error inside torchrun's traceback. On
+    several nodes the other nodes' launchers may start after node 0's rank 0 took the run's lock,
+    so the lock is checked on one node only.
+    """
+    parse_faults(os.environ.get(FAULT_ENV, ""))
+    check_data(cfg)
+    check_run_dir(cfg, lock=nodes == 1)
+
+
 def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
     """Create and lock the run directory and record the resolved config (rank 0), before any state is written.
 
@@ -144,11 +186,9 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
             (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
         except RunDirectoryLocked as err:
             lock = None
-            error = (f"run.name: {err}; two runs in one directory would overwrite each other's checkpoints: wait "
-                     "for that run to end, or choose another run.name or run.output_dir")
+            error = _locked(str(err))
         except OSError as err:
-            error = (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
-                     "choose a writable run.output_dir")
+            error = _unwritable(cfg, err)
     if ctx.world_size > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
