@@ -26,6 +26,7 @@ from typing import NoReturn
 from launcher.errors import UsageError
 from launcher.topology import Topology
 from parallelism.config import ParallelConfig
+from training import threads
 from training.config import Config
 
 WORKER = ("--module", "launcher.cli", "train")  # each process runs `python -m launcher.cli train CONFIG …`
@@ -201,6 +202,8 @@ def build_plan(cfg: Config, config_path: str, overrides: list[str], detected: To
     worker = [config_path, *overrides]
     files: dict[Path, str] = {}
     env = {TOPOLOGY_ENV: topology.kind}
+    if threads.user_threads() is None:  # torchrun's default is 1 per process, whatever the cores
+        env[threads.THREADS_ENV] = str(threads.threads_per_process(topology.procs_per_node))
     if layout.engine == "deepspeed":
         argv, files = _deepspeed(cfg, topology, worker, max_restarts, options.log_dir)
     else:

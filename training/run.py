@@ -35,6 +35,7 @@ from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked, in_use
 from training.stall import diagnose_stalls
 from training.tasks import check_model_fits_data
+from training.threads import describe, threads_per_process, user_threads
 from training.torch_backend import TorchBackend
 from training.trainer import Trainer, TrainResult
 from translution_dist.data.loader import build_dataloader
@@ -200,6 +201,18 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
     return lock
 
 
+def set_cpu_threads(ctx: DistContext) -> None:
+    """Unless the user (or ``translution launch``) set ``OMP_NUM_THREADS``: the cores available, shared by
+    this node's processes (:mod:`training.threads`), logged once."""
+    if user_threads() is not None:
+        return
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = threads_per_process(procs)
+    torch.set_num_threads(threads)
+    if ctx.is_main:
+        log.info("%s", describe(threads, procs))
+
+
 def _with_faults(trainer: Trainer) -> None:
     """Route the trainer's steps and checkpoint writes through ``$TRANSLUTION_FAULT``'s faults, if any."""
     faults = faults_for(trainer.ctx.rank)
@@ -211,6 +224,7 @@ def train(cfg: Config) -> TrainResult:
     notes = check_data(cfg)
     ctx = setup(cfg)
     _configure_logging(ctx.rank)
+    set_cpu_threads(ctx)
     if ctx.is_main:
         for note in notes:
             log.warning("%s", note)
