@@ -32,6 +32,7 @@ from parallelism.materialize import materialize
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
+from training.quiet import silence_unactionable_warnings
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked, in_use
 from training.stall import diagnose_stalls
 from training.tasks import check_model_fits_data
@@ -221,6 +222,7 @@ def _with_faults(trainer: Trainer) -> None:
 
 
 def train(cfg: Config) -> TrainResult:
+    silence_unactionable_warnings()
     notes = check_data(cfg)
     ctx = setup(cfg)
     _configure_logging(ctx.rank)

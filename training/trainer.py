@@ -15,6 +15,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -214,7 +215,10 @@ class Trainer:
         self._start_tracking(resume_run_id)
         cfg = self.cfg.train
         batches = self._batches()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.ctx.is_main, desc="train", unit="step",
+        # A progress bar only on a terminal: in a log file (torchrun --log-dir, a pod's log, a pipe) each of its
+        # redraws is one more line, so there rank 0 logs one line every train.log_every steps instead.
+        progress_bar = self.ctx.is_main and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress_bar, desc="train", unit="step",
                    dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
         last = StepResult(float("nan"), float("nan"), 0, 0, False, None)
@@ -231,13 +235,16 @@ class Trainer:
                     elapsed = time.perf_counter() - start
                     self.step += 1
                     self.checkpoints.poll()
-                    bar.update(1)
                     postfix["loss"] = f"{last.loss:.4f}"
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         metrics = self._step_metrics(last, elapsed)
                         self._log(metrics)
                         postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
-                    bar.set_postfix(postfix)
+                        if self.ctx.is_main and not progress_bar:
+                            log.info("step %d/%d: loss %.4f, %s tokens/s, MFU %s", self.step, cfg.steps,
+                                     last.loss, postfix["tokens_per_s"], postfix["mfu"])
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)  # one redraw per step, with the new postfix
                     if signum := stop_request.agreed():
                         self._stop(signum)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
