@@ -115,6 +115,8 @@ CASES: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
                                 {}),
     "data build from a missing folder": (["data", "text", "{tmp}/nodocs", "{tmp}/out", "--context-length", "8"],
                                          ["nodocs is not a directory"], {}),
+    "data build with nothing to test on": (["data", "text", "{tmp}/onedoc", "{tmp}/out", "--context-length", "8"],
+                                           ["argument --test-fraction: a corpus of one document"], {}),
     "data build bad size": (["data", "mnist", "{tmp}/out", "--canvas-size", "0"],
                             ["--canvas-size", "must be a positive integer"], {}),
     "data inspect a missing set": (["data", "inspect", "{tmp}/nodata"], ["no index.json"], {}),
@@ -136,6 +138,8 @@ def inputs(tmp_path_factory):
     (tmp / "extra.yaml").write_text(yaml.safe_dump({**good, "frobnicate": 1}))
     (tmp / "nomodel.yaml").write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "model"}))
     (tmp / "include.yaml").write_text(yaml.safe_dump({**good, "model": "models/nothere.yaml"}))
+    (tmp / "onedoc").mkdir()
+    (tmp / "onedoc" / "only.txt").write_text("one document, so nothing to evaluate on " * 20)
     (tmp / "bomb.yaml").write_text(yaml.safe_dump(good) + f"run_notes: {ALIAS_BOMB}\n")
     ro = tmp / "readonly"
     ro.mkdir()
