@@ -112,12 +112,9 @@ def resolve_topology(cfg: Config, detected: Topology, options: LaunchOptions) ->
     else the GPU count, else 1. Nodes: the scheduler's (``--nnodes`` may only repeat it), or on a
     plain machine ``--nnodes`` (several machines started by hand, with ``MASTER_ADDR`` set) or 1.
     """
-    procs = detected.procs_per_node
-    source = detected.procs_source
+    procs, source = detected.procs_choice(cfg.cluster.procs_per_node)
     if options.nproc_per_node is not None:
         procs, source = options.nproc_per_node, "--nproc-per-node"
-    elif source in ("default", "local GPUs") and cfg.cluster.procs_per_node is not None:
-        procs, source = cfg.cluster.procs_per_node, "cluster.procs_per_node"
     gpus = len(detected.devices.gpus)
     if gpus and procs > gpus:
         raise UsageError(f"{procs} processes per node (from {source}) but this node has {gpus} GPUs; "
