@@ -26,6 +26,7 @@ from typing import NoReturn
 from launcher.errors import UsageError
 from launcher.topology import Topology
 from parallelism.config import ParallelConfig
+from training import threads
 from training.config import Config
 
 WORKER = ("--module", "launcher.cli", "train")  # each process runs `python -m launcher.cli train CONFIG …`
@@ -114,12 +115,9 @@ def resolve_topology(cfg: Config, detected: Topology, options: LaunchOptions) ->
     else the GPU count, else 1. Nodes: the scheduler's (``--nnodes`` may only repeat it), or on a
     plain machine ``--nnodes`` (several machines started by hand, with ``MASTER_ADDR`` set) or 1.
     """
-    procs = detected.procs_per_node
-    source = detected.procs_source
+    procs, source = detected.procs_choice(cfg.cluster.procs_per_node)
     if options.nproc_per_node is not None:
         procs, source = options.nproc_per_node, "--nproc-per-node"
-    elif source in ("default", "local GPUs") and cfg.cluster.procs_per_node is not None:
-        procs, source = cfg.cluster.procs_per_node, "cluster.procs_per_node"
     gpus = len(detected.devices.gpus)
     if gpus and procs > gpus:
         raise UsageError(f"{procs} processes per node (from {source}) but this node has {gpus} GPUs; "
@@ -205,6 +203,8 @@ def build_plan(cfg: Config, config_path: str, overrides: list[str], detected: To
     worker = [config_path, *overrides]
     files: dict[Path, str] = {}
     env = {TOPOLOGY_ENV: topology.kind}
+    if threads.user_threads() is None:  # torchrun's default is 1 per process, whatever the cores
+        env[threads.THREADS_ENV] = str(threads.threads_per_process(topology.procs_per_node))
     if layout.engine == "deepspeed":
         argv, files = _deepspeed(cfg, topology, worker, max_restarts, options.log_dir)
     else:

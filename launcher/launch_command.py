@@ -9,10 +9,12 @@ and in every pod of a PyTorchJob, TrainJob or JobSet.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from launcher.launch import LaunchOptions, build_plan, execute
 from launcher.topology import detect
+from training import threads
 from training.config import load_config
 
 
@@ -81,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # may print the command for another machine, whose data is not here
         print(plan.shell())
         return 0
-    from training.run import check_data  # torch and the models: only when launching
+    from training.run import check_before_launch  # torch and the models: only when launching
 
-    check_data(cfg)
+    check_before_launch(cfg, nodes=plan.topology.nodes)
+    if threads.THREADS_ENV in plan.env:
+        chosen = int(plan.env[threads.THREADS_ENV])
+        print(f"translution launch: {threads.describe(chosen, plan.topology.procs_per_node)}", file=sys.stderr)
     execute(plan)

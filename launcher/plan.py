@@ -85,17 +85,31 @@ class Cluster:
 
     @staticmethod
     def of(cfg: Config, nodes: int | None = None, procs_per_node: int | None = None, gpu_memory: str | None = None,
-           cpu_memory: str | None = None, nvme: str | None = None, headroom: float = DEFAULT_HEADROOM) -> Cluster:
-        """The config's ``cluster`` section with command-line values taking precedence."""
+           cpu_memory: str | None = None, nvme: str | None = None, headroom: float = DEFAULT_HEADROOM,
+           here: Topology | None = None) -> Cluster:
+        """The config's ``cluster`` section with command-line values taking precedence.
+
+        ``here`` is where the command runs (``detect()``); when the plan is for it (as many nodes as it
+        has: one, on a plain machine), what the section and the command line leave open is taken from
+        it as ``launch`` would: processes per node (the scheduler's, else the GPU count), the GPUs'
+        memory and the host memory.
+        """
         c = cfg.cluster
+        nodes = nodes or c.nodes
+        here = here if here is not None and here.nodes == nodes else None
         gpu = gpu_memory if gpu_memory is not None else c.gpu_memory
         host = cpu_memory if cpu_memory is not None else c.cpu_memory
         disk = nvme if nvme is not None else c.nvme
-        return Cluster(nodes or c.nodes, procs_per_node or c.procs_per_node or 1,
-                       parse_bytes(gpu, "--gpu-mem (cluster.gpu_memory)") if gpu else None,
-                       parse_bytes(host, "--cpu-mem (cluster.cpu_memory)") if host else None,
-                       parse_bytes(disk, "--nvme (cluster.nvme)") if disk else None, headroom,
-                       c.hardware.resolve())
+        gpu_bytes = parse_bytes(gpu, "--gpu-mem (cluster.gpu_memory)") if gpu else None
+        host_bytes = parse_bytes(host, "--cpu-mem (cluster.cpu_memory)") if host else None
+        nvme_bytes = parse_bytes(disk, "--nvme (cluster.nvme)") if disk else None
+        procs = procs_per_node or c.procs_per_node or 1
+        if here is not None:
+            procs = procs_per_node or here.procs_choice(c.procs_per_node)[0]
+            if gpu is None and here.devices.gpus:
+                gpu_bytes = min(g.memory_bytes for g in here.devices.gpus)
+            host_bytes = host_bytes or here.devices.host_memory_bytes or None
+        return Cluster(nodes, procs, gpu_bytes, host_bytes, nvme_bytes, headroom, c.hardware.resolve())
 
     @staticmethod
     def from_topology(topology: Topology, cfg: Config, nodes: int | None = None) -> Cluster:

@@ -3,11 +3,12 @@
 Prints every parallel layout the cluster can run with its per-rank GPU peak, host memory
 and NVMe per node, inter-node traffic and estimated data-movement seconds per step, why each
 one that does not fit fails, and the layout the planner picks (with the overrides that
-select it). The cluster defaults to the
-config's ``cluster`` section. ``--verify-shards`` also builds the full model on the meta device
-and shards it with the real code on a fake process group, for the layout a launch would use
-(the config's when it fits, else the planner's choice), and checks every listed rank's
-parameter shards against the plan. Exit status 2 when nothing fits, 1 when the shards disagree.
+select it). The cluster defaults to the config's ``cluster`` section and, planning for the
+machine (or job) it runs in, to what ``launch`` detects there: processes per node, GPU memory,
+host memory. ``--verify-shards`` also builds the full model on the meta device and shards it
+with the real code on a fake process group, for the layout a launch would use (the config's
+when it fits, else the planner's choice), and checks every listed rank's parameter shards
+against the plan. Exit status 2 when nothing fits, 1 when the shards disagree.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from launcher.plan import (
     layout_overrides,
     plan,
 )
+from launcher.topology import detect
 from training.config import Config, load_config
 
 TABLE_ROWS = 12
@@ -62,10 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.bank_chunks=8")
     parser.add_argument("--nodes", type=positive_int, metavar="N", help="nodes (default: cluster.nodes)")
     parser.add_argument("--gpus-per-node", type=positive_int, metavar="G", dest="procs",
-                        help="GPUs, i.e. processes, per node (default: cluster.procs_per_node)")
-    parser.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 80GiB (default: cluster.gpu_memory; "
-                                                           "none: the processes run on CPUs)")
-    parser.add_argument("--cpu-mem", metavar="SIZE", help="host memory per node (default: cluster.cpu_memory)")
+                        help="GPUs, i.e. processes, per node (default: as launch: the scheduler's, "
+                             "cluster.procs_per_node, the GPUs here, else 1)")
+    parser.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 80GiB (default: cluster.gpu_memory, "
+                                                           "else the GPUs here; none: the processes run on CPUs)")
+    parser.add_argument("--cpu-mem", metavar="SIZE", help="host memory per node (default: cluster.cpu_memory, "
+                                                          "else this machine's)")
     parser.add_argument("--nvme", metavar="SIZE", help="NVMe per node (default: cluster.nvme)")
     parser.add_argument("--headroom", type=_fraction, default=DEFAULT_HEADROOM, metavar="F",
                         help=f"fraction of GPU and host memory kept free (default {DEFAULT_HEADROOM})")
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.calibrate is not None:
         return _calibrate(cfg, args.calibrate, args.procs, args.budget)
-    cluster = Cluster.of(cfg, args.nodes, args.procs, args.gpu_mem, args.cpu_mem, args.nvme, args.headroom)
+    cluster = Cluster.of(cfg, args.nodes, args.procs, args.gpu_mem, args.cpu_mem, args.nvme, args.headroom, detect())
     result = plan(cfg, cluster)
     advice = [] if result.choice else hints(cfg, cluster)
     verification = None

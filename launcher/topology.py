@@ -104,6 +104,14 @@ class Topology:
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
 
+    def procs_choice(self, configured: int | None) -> tuple[int, str]:
+        """Processes per node as ``launch`` and ``plan`` pick them when the command line does not say, and
+        where the number comes from: the scheduler's word, else ``configured`` (``cluster.procs_per_node``),
+        else the GPU count, else 1."""
+        if self.procs_source in ("default", "local GPUs") and configured is not None:
+            return configured, "cluster.procs_per_node"
+        return self.procs_per_node, self.procs_source
+
     @property
     def endpoint(self) -> str:
         return self.rdzv_endpoint or f"{self.master_addr}:{self.master_port}"

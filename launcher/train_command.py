@@ -29,9 +29,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from training.preemption import Stopped
     from training.run import train
+    from training.trainer import ArtifactError
 
     try:
         train(cfg)
     except Stopped as stopped:  # checkpointed and logged on every rank; exit as the signal would
         return stopped.exit_code
+    except ArtifactError as err:  # the run is complete and checkpointed; the message says how to get the model
+        print(f"translution train: error: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 [ -f data/mnist-static/index.json ] || .venv/bin/translution data mnist data/mnist-static --mode static
-.venv/bin/translution launch configs/quickstart.yaml --nproc-per-node "${NPROC:-2}" "$@"
+.venv/bin/translution launch configs/quickstart.yaml ${NPROC:+--nproc-per-node "$NPROC"} "$@"  # 2: cluster.procs_per_node
 cat <<MSG
 
 Done. Browse the run with:

@@ -49,7 +49,7 @@ def test_build_inspect_and_existing_output(tmp_path, capsys):
     capsys.readouterr()
     assert run(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
-    assert "split train: 30 samples in 1 shards" in report and "checksums: 2/2 OK" in report
+    assert "split train: 30 samples in 1 shards" in report and "shards (checksum, sample count): 2/2 OK" in report
     shard = out / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
     assert run(["inspect", str(out)]) == 1

@@ -112,3 +112,42 @@ def test_text_builder_errors_name_the_parameter(corpus, tmp_path):
             build_text_shards(output=tmp_path / "out", **kwargs)
         assert error.value.param == param
         assert not (tmp_path / "out").exists()
+
+
+def _small_corpus(root: Path, words_per_document: list[int]) -> Path:
+    """Documents of these lengths in words, the first given to the document of lowest draw (the one held out)."""
+    root.mkdir()
+    names = sorted((f"doc{i}.txt" for i in range(len(words_per_document))),
+                   key=lambda name: random.Random(f"0:{name}").random())  # build_text_shards' draw at seed 0
+    rng = random.Random(1)
+    for name, n in zip(names, words_per_document):
+        (root / name).write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
+    return root
+
+
+def test_a_small_corpus_still_gets_a_test_split(tmp_path):
+    """At the default test_fraction 0.01 five documents draw no test document; the lowest draw is held out."""
+    corpus = _small_corpus(tmp_path / "docs", [200] * 5)
+    index = build_text_shards(corpus, tmp_path / "out", context_length=16, vocab_size=300)
+    assert index["text"]["documents"] == {"train": 4, "test": 1}
+    assert index["splits"]["test"]["samples"] > 0 and index["splits"]["train"]["samples"] > 0
+    again = build_text_shards(corpus, tmp_path / "again", context_length=16, vocab_size=300)
+    assert again["splits"] == index["splits"]  # the same document, every time
+    loader, _ = build_dataloader(DataConfig(kind="text", path=tmp_path / "out"), split="test", dp_rank=0, dp_size=1,
+                                 batch_size=2, seed=0)
+    assert len(loader) > 0
+    none_asked = build_text_shards(corpus, tmp_path / "none", context_length=16, vocab_size=300, test_fraction=0.0)
+    assert none_asked["text"]["documents"] == {"train": 5, "test": 0}
+
+
+@pytest.mark.parametrize(("words", "param", "message"), [
+    ([3, 200, 200], "test_fraction", "fewer than one window of 17"),  # the held-out document is too short
+    ([200], "test_fraction", "a corpus of one document leaves none to test on"),
+    ([3, 3, 3], "context_length", "training document(s) hold"),
+])
+def test_an_empty_split_is_refused_at_build_time(tmp_path, words, param, message):
+    corpus = _small_corpus(tmp_path / "docs", words)
+    with pytest.raises(BuildError) as error:
+        build_text_shards(corpus, tmp_path / "out", context_length=16, vocab_size=300)
+    assert error.value.param == param and message in error.value.message
+    assert not (tmp_path / "out").exists()

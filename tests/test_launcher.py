@@ -41,6 +41,7 @@ def clean_env(monkeypatch):
         if name.startswith(SCHEDULER_VARS):
             monkeypatch.delenv(name)
     monkeypatch.setattr("launcher.topology.shutil.which", lambda name: None)  # no nvidia-smi, no scontrol
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice: launch adds none of its own to the command
 
 
 @pytest.fixture

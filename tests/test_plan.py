@@ -203,3 +203,27 @@ def test_candidate_table_rows_are_sorted(cfg):
     fits = [c.fits for c in result.candidates]
     assert fits == sorted(fits, reverse=True)  # fitting ones first
     assert isinstance(result.candidates[0], Candidate)
+
+
+def test_plan_sees_this_machine_as_launch_does(capsys, monkeypatch):
+    """Planning for the machine it runs on, ``plan`` takes the processes per node as ``launch`` does (the
+    scheduler's, else ``cluster.procs_per_node``) and the host memory ``translution topology`` reports."""
+    from launcher.topology import detect
+
+    for name in ("SLURM_JOB_ID", "PET_NNODES", "JOBSET_NAME", "WORLD_SIZE", "TRANSLUTION_HOSTFILE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+
+    def planned() -> dict:
+        assert main(["plan", quickstart, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["cluster"]
+
+    assert main(["launch", quickstart, "--dry-run"]) == 0
+    assert "--nproc-per-node 2 " in capsys.readouterr().out  # what scripts/quickstart.sh runs
+    cluster = planned()
+    assert cluster["procs_per_node"] == 2  # before: 1
+    assert cluster["cpu_memory"] == detect().devices.host_memory_bytes > 0  # before: None, "host memory unknown"
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "cpu01", "SLURM_NNODES": "1",
+                        "SLURM_NTASKS_PER_NODE": "3"}.items():
+        monkeypatch.setenv(name, value)
+    assert planned()["procs_per_node"] == 3  # the scheduler's word, as launch takes it

@@ -11,11 +11,13 @@ import logging
 import shutil
 import signal
 import subprocess
+import sys
 from functools import partial
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 
 from reliability.harness import (
     assert_identical,
@@ -149,6 +151,23 @@ def test_disk_full_stops_the_run_and_keeps_the_previous_checkpoint(reference, tm
         log = run(train_cmd(config)).stderr
         assert lines_with(log, "resumed from", "step_00000002")
         assert_identical(dcp_state(reference / FINAL, tmp_path), dcp_state(disk / "full" / FINAL, tmp_path))
+
+
+@pytest.mark.multiprocess
+def test_disk_full_at_the_model_export_leaves_no_partial_file(tmp_path):
+    """The run's ``artifacts/`` on a 64 KiB tmpfs: the loss curves (≈ 90 KB) do not fit. The run ends with one
+    line naming the directory and the command that exports the model from the complete final checkpoint."""
+    config = write_config(tmp_path, "export", train={"steps": 2}, tracking={"enabled": True, "system_metrics": False})
+    run_dir = tmp_path / "runs" / "export"
+    with tmpfs(run_dir / "artifacts", "64k") as artifacts:
+        failed = run(train_cmd(config), expect=1)
+        assert lines_with(failed.stderr, "translution train: error: writing the run's artifacts under", "No space left",
+                          "no partial file was left", f"translution ckpt export {run_dir} --out model.safetensors")
+        assert "Traceback" not in failed.stderr, failed.stderr
+        assert list(artifacts.iterdir()) == []  # before: a 64 KiB curves.png cut short
+    out = tmp_path / "model.safetensors"
+    run([sys.executable, "-m", "launcher.cli", "ckpt", "export", str(run_dir), "--out", str(out)])
+    assert "cls_token" in load_file(out)
 
 
 @pytest.mark.multiprocess

@@ -23,6 +23,10 @@ from translution_dist.data.config import DataConfig
 from translution_dist.models.config import ModelConfig
 
 INCLUDABLE_SECTIONS = ("model", "data", "parallel", "train", "optim", "tracking", "cluster")
+MAX_YAML_VALUES = 100_000
+"""Values one YAML document (a config file, a section file, an override) may expand to; a real config has hundreds."""
+MAX_YAML_DEPTH = 32
+"""Nesting levels one YAML document may have; a real config has four."""
 
 
 class ConfigError(ValueError):
@@ -138,15 +142,48 @@ class Config(_Section):
         return self.run.output_dir / self.run.name
 
 
+class _Unbounded(ValueError):
+    """A YAML document larger or deeper than any config needs."""
+
+
+def _load_bounded_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing documents no config needs (:class:`_Unbounded`).
+
+    An alias bomb ("billion laughs": a few lines of nested aliases that stand for billions of values)
+    loads at once, as shared objects, but hangs and fills memory in whatever walks or prints it, such
+    as a validation error's message; nesting a few hundred levels deep makes PyYAML and pydantic
+    recurse past Python's limit. The expanded values are counted without recursion and with a budget,
+    so the check itself costs at most ``MAX_YAML_VALUES`` steps.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise _Unbounded(f"is nested more than {MAX_YAML_DEPTH} levels deep") from None
+    budget = MAX_YAML_VALUES
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        budget -= 1
+        if budget < 0:
+            raise _Unbounded(f"expands to more than {MAX_YAML_VALUES:,} values (nested YAML aliases?)")
+        if depth > MAX_YAML_DEPTH:
+            raise _Unbounded(f"is nested more than {MAX_YAML_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return value
+
+
 def _read_yaml(path: Path, what: str) -> Any:
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{what}: cannot read {path} ({err.strerror}); check the path") from err
     try:
-        return yaml.safe_load(text)
+        return _load_bounded_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{what}: {path} is not valid YAML: {err}") from err
+    except _Unbounded as err:
+        raise ConfigError(f"{what}: {path} {err}; no config needs that: write the values out") from err
 
 
 def _resolve_includes(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -175,9 +212,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override '{override}': '{'.'.join(parents[:depth + 1])}' is not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _load_bounded_yaml(value)
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{override}': value is not valid YAML ({err})") from err
+    except _Unbounded as err:
+        raise ConfigError(f"override of {key}: the value {err}; no config needs that: write the value out") from err
 
 
 def format_validation_error(err: ValidationError) -> str:

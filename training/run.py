@@ -9,9 +9,12 @@ process group entirely. The run installs the loop's wrappers: fault injection wh
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,9 +33,12 @@ from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
 from training.provenance import keep_tokenizer
+from training.quiet import silence_unactionable_warnings
 from training.run_identity import OtherRunError, check_run_identity
-from training.run_lock import RunDirectoryLock, RunDirectoryLocked
+from training.run_lock import RunDirectoryLock, RunDirectoryLocked, in_use
 from training.stall import diagnose_stalls
+from training.tasks import check_model_fits_data
+from training.threads import describe, threads_per_process, user_threads
 from training.torch_backend import TorchBackend
 from training.trainer import Trainer, TrainResult
 from translution_dist.data.loader import build_dataloader
@@ -100,14 +106,20 @@ def build_backend(cfg: Config, ctx: DistContext) -> TrainingBackend:
     return TorchBackend(cfg, ctx, build_sharded_model(cfg, ctx))
 
 
-def check_data(cfg: Config) -> None:
-    """Open the configured splits, so that missing or mismatched data is refused before any process starts."""
+def check_data(cfg: Config) -> list[str]:
+    """Open the configured splits and hold the model against them, so that missing data, or data the model
+    cannot take, is refused before any process or process group starts. Returns notes to log."""
     try:
-        open_source(cfg.data, "train")
+        _, _, info = open_source(cfg.data, "train")
         if cfg.train.eval_batches:
             open_source(cfg.data, "test")
     except (OSError, ValueError) as err:
         raise ConfigError(f"data: {err}") from err
+    try:
+        return check_model_fits_data(cfg.model, info)
+    except ValueError as err:
+        where = f"data.path={cfg.data.path}" if cfg.data.path else "data.synthetic"
+        raise ConfigError(f"{err}; data: {where}") from err
 
 
 def build_loaders(cfg: Config, ctx: DistContext) -> dict:
@@ -122,6 +134,45 @@ def build_loaders(cfg: Config, ctx: DistContext) -> dict:
     except (OSError, ValueError) as err:
         raise ConfigError(f"data: {err}") from err
     return loaders
+
+
+def _locked(reason: str) -> str:
+    return (f"run.name: {reason}; two runs in one directory would overwrite each other's checkpoints: wait for "
+            "that run to end, or choose another run.name or run.output_dir")
+
+
+def _unwritable(cfg: Config, err: OSError) -> str:
+    return (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
+            "choose a writable run.output_dir")
+
+
+def check_run_dir(cfg: Config, *, lock: bool) -> None:
+    """Refuse, as :func:`write_run_dir` would, a run directory that cannot be written or (``lock``) that a live
+    run holds, without creating anything: a probe file in the nearest existing directory, made and removed."""
+    existing = next(p for p in (cfg.run_dir, *cfg.run_dir.parents, Path(".")) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(_unwritable(cfg, err)) from err
+    holder = RunDirectoryLock(cfg.run_dir).holder() if lock else None
+    if holder is not None:
+        raise ConfigError(_locked(in_use(cfg.run_dir, holder)))
+
+
+def check_before_launch(cfg: Config, *, nodes: int) -> None:
+    """What every process of a run would refuse at start-up, checked once before any is started.
+
+    ``translution launch`` calls it, so that bad input ends there with exit code 2 and one line,
+    as ``translution train`` alone does, not with a rank's error inside torchrun's traceback. On
+    several nodes the other nodes' launchers may start after node 0's rank 0 took the run's lock,
+    so the lock is checked on one node only.
+    """
+    parse_faults(os.environ.get(FAULT_ENV, ""))
+    check_data(cfg)
+    check_run_dir(cfg, lock=nodes == 1)
 
 
 def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
@@ -143,13 +194,11 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
             keep_tokenizer(cfg.data, cfg.run_dir)
         except RunDirectoryLocked as err:
             lock = None
-            error = (f"run.name: {err}; two runs in one directory would overwrite each other's checkpoints: wait "
-                     "for that run to end, or choose another run.name or run.output_dir")
+            error = _locked(str(err))
         except OtherRunError as err:
             error = str(err)
         except OSError as err:
-            error = (f"run.output_dir: cannot write the run directory {cfg.run_dir} ({err.strerror or err}); "
-                     "choose a writable run.output_dir")
+            error = _unwritable(cfg, err)
     if ctx.world_size > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -161,6 +210,18 @@ def write_run_dir(cfg: Config, ctx: DistContext) -> RunDirectoryLock | None:
     return lock
 
 
+def set_cpu_threads(ctx: DistContext) -> None:
+    """Unless the user (or ``translution launch``) set ``OMP_NUM_THREADS``: the cores available, shared by
+    this node's processes (:mod:`training.threads`), logged once."""
+    if user_threads() is not None:
+        return
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = threads_per_process(procs)
+    torch.set_num_threads(threads)
+    if ctx.is_main:
+        log.info("%s", describe(threads, procs))
+
+
 def _with_faults(trainer: Trainer) -> None:
     """Route the trainer's steps and checkpoint writes through ``$TRANSLUTION_FAULT``'s faults, if any."""
     faults = faults_for(trainer.ctx.rank)
@@ -169,8 +230,14 @@ def _with_faults(trainer: Trainer) -> None:
 
 
 def train(cfg: Config) -> TrainResult:
+    silence_unactionable_warnings()
+    notes = check_data(cfg)
     ctx = setup(cfg)
     _configure_logging(ctx.rank)
+    set_cpu_threads(ctx)
+    if ctx.is_main:
+        for note in notes:
+            log.warning("%s", note)
     lock = None
     try:
         backend = build_backend(cfg, ctx)

@@ -26,6 +26,10 @@ class RunDirectoryLocked(RuntimeError):
     """Another live run holds the run directory."""
 
 
+def in_use(run_dir: Path, holder: str) -> str:
+    return f"{run_dir} is in use by another run ({holder})"
+
+
 class RunDirectoryLock:
     """Held from :meth:`acquire` to :meth:`release` (or the process's end)."""
 
@@ -41,7 +45,7 @@ class RunDirectoryLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunDirectoryLocked(f"{self.path.parent} is in use by another run ({holder})") from None
+            raise RunDirectoryLocked(in_use(self.path.parent, holder)) from None
         except OSError as err:
             os.close(fd)
             raise RunDirectoryLocked(f"cannot lock {self.path} ({err.strerror}): the file system does not support "
@@ -51,6 +55,22 @@ class RunDirectoryLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self._fd = fd
+
+    def holder(self) -> str | None:
+        """Who holds the lock now (``None``: nobody), without taking it or writing anything."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file: no run has started here
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:  # no flock here: acquire() reports that
+            return None
+        finally:
+            os.close(fd)  # also drops the shared lock, if it was taken
+        return None
 
     def release(self) -> None:
         if self._fd is not None:

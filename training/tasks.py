@@ -1,4 +1,5 @@
-"""What a model is trained on: image classification (ViT) or next-token prediction (GPT)."""
+"""What a model is trained on: image classification (ViT) or next-token prediction (GPT), and whether the
+configured model can be trained on the configured data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from translution_dist.data.dataset import IGNORE_INDEX
+from translution_dist.data import IGNORE_INDEX, DataInfo
+from translution_dist.models.config import ModelConfig
 
 
 @dataclass
@@ -70,3 +72,37 @@ class LanguageModelTask:
 
 def task_for(arch: str) -> ClassificationTask | LanguageModelTask:
     return ClassificationTask() if arch == "vit" else LanguageModelTask()
+
+
+def check_model_fits_data(model: ModelConfig, info: DataInfo) -> list[str]:
+    """Notes on a model larger than its data needs; raises ``ValueError`` naming each field the data cannot feed.
+
+    A model smaller than its data (fewer classes or tokens, shorter context, other image shape) fails
+    only at its first batch, with an ``IndexError`` deep in an embedding or the loss; a larger
+    vocabulary or more classes train, with rows no target ever selects (on purpose when padded).
+    """
+    if model.arch == "gpt":
+        if info.vocab_size is None:
+            raise ValueError(f"model.arch=gpt needs token data, but the data ({info.kind}) holds images; set data.kind "
+                             "and data.path to a set written by `translution data text`")
+        outputs = ("model.vocab_size", model.vocab_size, info.vocab_size, "vocabulary")
+        at_least = [outputs, ("model.context_length", model.context_length, info.input_shape[0], "context length")]
+        equal = []
+    else:
+        if info.num_classes is None:
+            raise ValueError(f"model.arch=vit needs image data, but the data ({info.kind}) holds tokens; set data.kind "
+                             "and data.path to an image set (`translution data mnist` or `image-folder`)")
+        outputs = ("model.num_classes", model.num_classes, info.num_classes, "number of classes")
+        at_least = [outputs]
+        equal = [("model.image_size", model.image_size, info.input_shape[-1], "image size"),
+                 ("model.channels", model.channels, info.input_shape[0], "channels")]
+    wrong = [field for field in at_least if field[1] < field[2]] + [field for field in equal if field[1] != field[2]]
+    if wrong:
+        fixes = [f"{key}={ours} but the data's {what} is {theirs}: set {key}={theirs}"
+                 for key, ours, theirs, what in wrong]
+        raise ValueError("; ".join(fixes) + " (the model must cover what the data holds)")
+    key, ours, theirs, what = outputs
+    if ours == theirs:
+        return []
+    return [f"{key}={ours} exceeds the data's {what} of {theirs}: {ours - theirs} outputs are never a target "
+            f"(it trains; set {key}={theirs} unless padded on purpose)"]

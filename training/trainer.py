@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training.backend import DistContext, StepResult, TrainingBackend, compute_dtype
+from training.checkpoint.safetensors_file import TensorEntry, write_safetensors
 from training.checkpoint.store import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from training.config import Config, flatten
 from training.hardware import device_peak_flops
@@ -39,6 +42,10 @@ log = logging.getLogger("translution.train")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradients became NaN/inf and the config says to stop."""
+
+
+class ArtifactError(RuntimeError):
+    """The plots or the exported model could not be written (a full disk); the final checkpoint is complete."""
 
 
 @dataclass
@@ -214,7 +221,10 @@ class Trainer:
         self._start_tracking(resume_run_id)
         cfg = self.cfg.train
         batches = self._batches()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.ctx.is_main, desc="train", unit="step",
+        # A progress bar only on a terminal: in a log file (torchrun --log-dir, a pod's log, a pipe) each of its
+        # redraws is one more line, so there rank 0 logs one line every train.log_every steps instead.
+        progress_bar = self.ctx.is_main and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress_bar, desc="train", unit="step",
                    dynamic_ncols=True)
         eval_metrics: dict[str, float] = {}
         last = StepResult(float("nan"), float("nan"), 0, 0, False, None)
@@ -231,13 +241,16 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 self.step += 1
                 self.checkpoints.poll()
-                bar.update(1)
                 postfix["loss"] = f"{last.loss:.4f}"
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics = self._step_metrics(last, elapsed)
                     self._log(metrics)
                     postfix.update(tokens_per_s=f"{metrics['tokens_per_s']:.4g}", mfu=f"{metrics['mfu']:.1%}")
-                bar.set_postfix(postfix)
+                    if self.ctx.is_main and not progress_bar:
+                        log.info("step %d/%d: loss %.4f, %s tokens/s, MFU %s", self.step, cfg.steps,
+                                 last.loss, postfix["tokens_per_s"], postfix["mfu"])
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)  # one redraw per step, with the new postfix
                 self._stop_if_asked()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
                     self.phase = f"evaluation after step {self.step}"
@@ -297,22 +310,49 @@ class Trainer:
         return metrics
 
     def _finish_artifacts(self) -> None:
-        """Plots and the consolidated model; gathering the model is collective."""
+        """Plots and the consolidated model; gathering the model is collective, and so is a failure to write them.
+
+        Each file is written under a temporary name and renamed, so a full disk leaves no partial file;
+        every rank then raises the same :class:`ArtifactError`, which names the complete final checkpoint
+        to export the model from once there is space.
+        """
         export = self.cfg.tracking.enabled and self.cfg.tracking.log_model
         state = self.backend.full_model_state() if export else None
-        if self.tracker is None:
-            return
-        artifacts = self.run_dir / "artifacts"
+        error = None
+        if self.tracker is not None:
+            artifacts = self.run_dir / "artifacts"
+            try:
+                self._write_artifacts(artifacts, state)
+            except OSError as err:
+                error = (f"writing the run's artifacts under {artifacts} failed: {err.strerror or err}"
+                         f"{_free_space(artifacts)}; no partial file was left. The final checkpoint is complete: "
+                         f"free space, then `translution ckpt export {self.run_dir} --out model.safetensors`")
+        if self.ctx.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ArtifactError(error)
+
+    def _write_artifacts(self, artifacts: Path, state: dict[str, torch.Tensor] | None) -> None:
+        assert self.tracker is not None
         artifacts.mkdir(exist_ok=True)
         curves = {k: v for k, v in self.history.items() if k in ("loss", "lr", "grad_norm") or k.startswith("eval_")}
         self.tracker.log_artifact(plot_history(curves, artifacts / "curves.png", self.cfg.run.name), "plots")
         if state is not None:
-            from safetensors.torch import save_file
-
             path = artifacts / "model.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            tensors = [(name, t.detach().cpu().contiguous()) for name, t in state.items()]
+            write_safetensors(path, [TensorEntry(name, tuple(t.shape), t.dtype) for name, t in tensors], tensors,
+                              {"format": "pt"})
             self.tracker.log_artifact(path, "model")
             if (self.run_dir / RUN_TOKENIZER).is_file():  # what turns the model's token ids into text
                 self.tracker.log_artifact(self.run_dir / RUN_TOKENIZER, "model")
             if self.cfg.tracking.register_model:
                 self.tracker.register_model("model", self.cfg.tracking.register_model)
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(directory).free} bytes free under {directory})"
+    except OSError:
+        return ""

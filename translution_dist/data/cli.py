@@ -156,7 +156,8 @@ def _inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     problems = verify_shards(args.directory, index)
     for problem in problems:
         print(f"BAD {problem}")
-    print(f"checksums: {index['total_shards'] - len(problems)}/{index['total_shards']} OK")
+    print(f"shards (checksum, sample count): {index['total_shards'] - len(problems)}/{index['total_shards']} OK"
+          if not problems else f"{len(problems)} problem(s): rebuild the set with `translution data ...`")
     return 1 if problems else 0
 
 
@@ -232,9 +233,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     images.add_argument("--workers", type=_positive_int, default=1, help="processes that resize images (default 1)")
     images.set_defaults(func=partial(_run, images, partial(_image_folder, images)))
 
-    inspect = commands.add_parser("inspect", help="summarise index.json and verify shard checksums")
+    inspect = commands.add_parser("inspect", help="summarise index.json and verify shard checksums and sample counts")
     inspect.add_argument("directory", metavar="DIR", type=Path, help="a directory written by `translution data ...`")
-    inspect.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    inspect.add_argument("--no-verify", action="store_true", help="skip reading the shards (checksums, counts)")
     inspect.set_defaults(func=partial(_inspect, inspect))
     return data
 

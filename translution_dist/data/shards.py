@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 INDEX_FILE = "index.json"
 DATACARD_FILE = "DATACARD.md"
@@ -161,16 +164,37 @@ def load_index(directory: Path) -> dict[str, Any]:
     return index
 
 
+def count_samples(path: Path) -> int:
+    """The samples a shard holds, grouped by key as the readers group them; raises on a corrupt tar."""
+    with open(path, "rb") as stream:
+        members = tar_file_expander([{"url": str(path), "stream": stream}])
+        return sum(1 for _ in group_by_keys(members))
+
+
 def verify_shards(directory: Path, index: Mapping[str, Any]) -> list[str]:
-    """Return one message per missing shard or checksum mismatch (empty: all good)."""
+    """Return one message per missing shard, checksum mismatch or sample count that ``index.json`` misstates
+    (empty: all good). The counts are read from the shards themselves, so an index edited or written by
+    another tool, whose checksums still match, cannot over-claim samples that training would miss."""
     problems = []
-    for split in index["splits"].values():
+    for name, split in index["splits"].items():
         for shard in split["shards"]:
             path = Path(directory) / shard["file"]
             if not path.is_file():
                 problems.append(f"{shard['file']}: missing")
-            elif sha256_file(path) != shard["sha256"]:
+                continue
+            if sha256_file(path) != shard["sha256"]:
                 problems.append(f"{shard['file']}: sha256 mismatch (file changed or truncated)")
+                continue
+            try:
+                held = count_samples(path)
+            except (OSError, EOFError, tarfile.TarError, ValueError, zlib.error) as exc:
+                problems.append(f"{shard['file']}: unreadable ({type(exc).__name__}: {exc})")
+                continue
+            if held != shard["samples"]:
+                problems.append(f"{shard['file']}: holds {held} samples, index.json says {shard['samples']}")
+        listed = sum(s["samples"] for s in split["shards"])
+        if split["samples"] != listed:
+            problems.append(f"split {name}: index.json says {split['samples']} samples, its shards list {listed}")
     return problems
 
 

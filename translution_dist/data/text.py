@@ -82,18 +82,40 @@ class WindowPacker:
         return len(self._pending)
 
 
-def _documents(root: Path, *, seed: int, test_fraction: float, suffix: str) -> Iterator[tuple[str, Path]]:
-    """``(split, path)`` of every file named ``*suffix`` under ``root``, in sorted-walk order.
+def _draw(root: Path, path: Path, seed: int) -> float:
+    """A document's stable draw in [0, 1): a hash of its relative path and the seed."""
+    return random.Random(f"{seed}:{path.relative_to(root).as_posix()}").random()
 
-    A generator, so that corpora of millions of files (OpenWebText) are never listed in
-    memory. The split is a hash of the relative path and the seed.
-    """
+
+def _walk(root: Path, suffix: str) -> Iterator[Path]:
+    """Every file named ``*suffix`` under ``root``, in sorted-walk order (a generator: OpenWebText has millions)."""
     for directory, subdirectories, names in os.walk(root):
         subdirectories.sort()
         for name in sorted(n for n in names if n.endswith(suffix)):
-            path = Path(directory) / name
-            draw = random.Random(f"{seed}:{path.relative_to(root).as_posix()}").random()
-            yield ("test" if draw < test_fraction else "train"), path
+            yield Path(directory) / name
+
+
+def _documents(root: Path, *, seed: int, test_fraction: float, suffix: str,
+               held_out: Path | None) -> Iterator[tuple[str, Path]]:
+    """``(split, path)`` of every ``*suffix`` file under ``root``: ``test`` when its draw is below
+    ``test_fraction``, and ``held_out`` (see :func:`_hold_out`) in any case."""
+    for path in _walk(root, suffix):
+        yield ("test" if path == held_out or _draw(root, path, seed) < test_fraction else "train"), path
+
+
+def _hold_out(root: Path, *, seed: int, test_fraction: float, suffix: str) -> Path | None:
+    """The document moved to ``test`` when the draws left it empty: the one of lowest draw, so that a small
+    corpus still gets a test split (training evaluates on it). ``None`` when not needed or not possible
+    (no test share asked for, or a single document, which training needs)."""
+    count, lowest = 0, None
+    for path in _walk(root, suffix):
+        draw = _draw(root, path, seed)
+        if draw < test_fraction:
+            return None
+        count += 1
+        if lowest is None or draw < lowest[0]:
+            lowest = (draw, path)
+    return lowest[1] if test_fraction > 0 and count >= 2 and lowest is not None else None
 
 
 def _read(path: Path) -> str:
@@ -118,7 +140,8 @@ def build_text_shards(
     """Tokenise every ``*suffix`` file under ``input`` into ``train``/``test`` window shards.
 
     A document goes to ``test`` with probability ``test_fraction``, decided by a hash of
-    its relative path and the seed (stable when files are added). The tokenizer, when
+    its relative path and the seed (stable when files are added); when that leaves ``test``
+    empty, the document of lowest draw goes there, so that training can evaluate. The tokenizer, when
     trained here, sees only the training documents.
     """
     params = params_for_index(locals())
@@ -133,9 +156,10 @@ def build_text_shards(
         raise BuildError("input", f"{input} is not a directory")
     if not suffix:
         raise BuildError("suffix", "must not be empty; documents are files named *SUFFIX, e.g. .txt")
-    documents = partial(_documents, input, seed=seed, test_fraction=test_fraction, suffix=suffix)
-    if next(documents(), None) is None:
+    if next(_walk(input, suffix), None) is None:
         raise BuildError("input", f"no {suffix} files under {input}")
+    held_out = _hold_out(input, seed=seed, test_fraction=test_fraction, suffix=suffix)
+    documents = partial(_documents, input, seed=seed, test_fraction=test_fraction, suffix=suffix, held_out=held_out)
     if all(split == "test" for split, _ in documents()):
         raise BuildError("test_fraction", f"left no training document under {input}; lower it")
 
@@ -175,6 +199,17 @@ def build_text_shards(
             bar.update(len(batch))
         bar.close()
         shards = {s: w.close() for s, w in writers.items()}
+        if not windows["train"]:  # training would refuse to start
+            raise BuildError("context_length", f"the {counts['train']} training document(s) hold "
+                             f"{packers['train'].tokens} tokens, fewer than one window of {context_length + 1}: "
+                             "lower it, or add documents")
+        if test_fraction > 0 and not windows["test"]:  # training would refuse to evaluate on it
+            if not counts["test"]:
+                raise BuildError("test_fraction", "a corpus of one document leaves none to test on: add documents, "
+                                 "or set it to 0 and train with train.eval_batches=0")
+            raise BuildError("test_fraction", f"the {counts['test']} test document(s) hold {packers['test'].tokens} "
+                             f"tokens, fewer than one window of {context_length + 1}, so the test split would be "
+                             "empty: raise it, or lower the context length")
         extra = {
             "text": {
                 "context_length": context_length,
@@ -238,7 +273,8 @@ it, ideally with GPT-2's `tokenizer.json` (`--tokenizer`).
 
 ## Windows
 
-Documents go to `test` with probability {p["test_fraction"]} (hash of path and seed). Each
+Documents go to `test` with probability {p["test_fraction"]} (hash of path and seed; at least one when
+that leaves none and there are two or more). Each
 split's token stream is cut into windows of {t["window"]} tokens with stride {t["stride"]}:
 inputs are a window's first {t["context_length"]} tokens, targets its last
 {t["context_length"]}. Stored as `tokens.npy` ({t["dtype"]}); the incomplete tail is dropped.
