@@ -10,7 +10,8 @@ import warnings
 
 UNACTIONABLE = (
     # DTensor's random ops on a CPU mesh: shards in host memory are drawn by the CPU generator, which
-    # parallelism/materialize.py seeds per shard itself (and the models have no dropout).
+    # parallelism/materialize.py seeds per shard itself. (Dropout, model.dropout, is 0 by default; with it
+    # under tp on a CPU mesh the ranks draw their masks independently.)
     r"DTensor random operators may not have complete support on cpu device mesh",
     # An in-place op on a bank chunk's output view would skip FSDP2's pre-backward hook; the chunks'
     # outputs are only ever summed out of place (translution_dist/models/attention.py, _sum).
