@@ -27,7 +27,7 @@ def test_two_fsdp_processes_print_only_what_matters(tmp_path):
     _assert_quiet_with_one_line_per_log_step(result.stderr, 6)
     assert lines_with(result.stderr, "translution launch: 1 CPU thread(s) per process: 1 core(s) available / 2 "
                                      "process(es)")
-    assert lines_with(result.stderr, "OMP_NUM_THREADS=1 ", "torch.distributed.run")
+    assert lines_with(result.stderr, "OMP_NUM_THREADS=1 ", "launcher.torchrun")
 
 
 def test_one_process_chooses_its_threads_and_checkpoints_quietly(tmp_path):
