@@ -15,7 +15,8 @@ from translution_dist.models.attention import (
     SelfAttention,
     TranslutionAttention,
 )
-from translution_dist.models.config import ModelConfig
+from translution_dist.models.config import MIXERS, ModelConfig
+from translution_dist.models.mixers import make_mixer
 from translution_dist.ops import RelativeLayout
 
 
@@ -48,10 +49,12 @@ class Block(nn.Module):
 
 
 def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool, relative: bool = True) -> nn.Module:
-    """The attention layer ``cfg`` asks for (``causal`` only matters to self-attention).
+    """The attention layer or mixer ``cfg`` asks for (``causal`` only matters to self-attention).
 
     ``relative=False`` gives a hybrid's plain block: self-attention without position information.
     """
+    if cfg.attention in MIXERS:
+        return make_mixer(cfg, layout)
     d = cfg.dims
     rotary = RotaryEmbedding(layout, d.dim_head, cfg.rope_convention) if cfg.rotary else None
     if relative and cfg.attention == "translution":

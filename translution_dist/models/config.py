@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 Arch = Literal["vit", "gpt"]
-AttentionKind = Literal["translution", "alpha", "self_attention"]
+AttentionKind = Literal["translution", "alpha", "self_attention", "acmix"]
+BANK_ATTENTIONS = ("translution", "alpha")
+"""Attentions with displacement banks (what ``relative``, ``relative_blocks`` and ``dispp`` act on)."""
+MIXERS = ("acmix",)
+"""The convolution–attention family of ``translution_dist.models.mixers`` (image grids: arch=vit)."""
+TP_REFUSALS = {
+    "acmix": "its convolution path's fully connected layer mixes the features of all heads",
+}
+"""Mixers that tensor parallelism cannot split by heads, and why (one place; parallelism reads it)."""
 Position = Literal["learned", "none", "rope", "learned+rope", "relative_bias"]
 Size2D = int | tuple[int, int]
 
@@ -47,7 +55,8 @@ class ModelConfig(BaseModel):
     arch: Arch = Field(description="vit: image classifier (class token, patch grid); gpt: causal language model.")
     attention: AttentionKind = Field(
         description="translution: full Translution; alpha: α-Translution (attention + rank-r Translution); "
-                    "self_attention: the baseline.")
+                    "self_attention: the baseline; acmix: ACmix (convolution and local attention on shared "
+                    "projections, arch=vit).")
     preset: Literal["tiny", "mini", "small", "base", "large"] = Field(
         "tiny", description="Widths of the paper's sizes: tiny 192/6 layers/3 heads/MLP 768, mini 192/12/3/768, "
                             "small 384/12/6/1536, base 768/12/12/3072, large 1024/24/16/4096; dim_head 64.")
@@ -77,6 +86,8 @@ class ModelConfig(BaseModel):
         None, ge=0, description="Hybrid (official tln_num): only the first N blocks use the relative attention, "
                                 "the others self-attention without position information (causal in a GPT). "
                                 "Default: every block.")
+    mixer_kernel: int = Field(
+        3, ge=1, description="attention=acmix: side k of the k×k window (attention) and kernel (convolution); odd.")
     pool: Literal["cls", "mean"] = Field(
         "cls", description="arch=vit: classify from the class token (cls) or the mean of all tokens (mean).")
     dropout: float = Field(
@@ -113,8 +124,10 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"image_size ({self.image_size}) is not divisible by patch_size ({self.patch_size}); "
                 "choose a patch size that divides the image side")
-        if self.attention == "self_attention" and self.relative != "qkv":
+        if self.attention not in BANK_ATTENTIONS and self.relative != "qkv":
             raise ValueError(f"relative={self.relative!r} applies to attention=translution or alpha only; remove it")
+        if self.attention in MIXERS:
+            self._check_mixer()
         position = self.resolved_position
         if self.attention != "self_attention" and position == "relative_bias":
             raise ValueError("position=relative_bias applies to attention=self_attention only; use none, learned "
@@ -126,17 +139,25 @@ class ModelConfig(BaseModel):
         if self.rotary and self.dims.dim_head % 4:
             raise ValueError(f"position={position} needs dim_head divisible by 4, got {self.dims.dim_head}")
         if self.relative_blocks is not None:
-            if self.attention == "self_attention":
+            if self.attention not in BANK_ATTENTIONS:
                 raise ValueError("relative_blocks applies to attention=translution or alpha; remove it")
             if self.relative_blocks > self.dims.depth:
                 raise ValueError(f"relative_blocks ({self.relative_blocks}) exceeds depth ({self.dims.depth})")
         if self.arch == "gpt" and self.pool != "cls":
             raise ValueError("pool applies to arch=vit only; remove it")
         k = self.layout().num_displacements
-        if self.attention != "self_attention" and self.bank_chunks > k:
+        if self.attention in BANK_ATTENTIONS and self.bank_chunks > k:
             raise ValueError(
                 f"bank_chunks ({self.bank_chunks}) exceeds the K={k} displacements of this model; use at most {k}")
         return self
+
+    def _check_mixer(self) -> None:
+        if self.arch != "vit":
+            raise ValueError(f"attention={self.attention} is defined on image grids: use arch=vit")
+        if self.resolved_position not in ("none", "learned"):
+            raise ValueError(f"attention={self.attention} takes position=none or learned, got {self.position}")
+        if self.mixer_kernel % 2 == 0:
+            raise ValueError(f"mixer_kernel must be odd (a window centred on its token), got {self.mixer_kernel}")
 
     @property
     def dims(self) -> Dims:
@@ -165,7 +186,7 @@ class ModelConfig(BaseModel):
     @property
     def num_relative_blocks(self) -> int:
         """Blocks with the relative attention (``depth`` but for hybrids and self-attention)."""
-        if self.attention == "self_attention":
+        if self.attention not in BANK_ATTENTIONS:
             return 0
         return self.dims.depth if self.relative_blocks is None else self.relative_blocks
 

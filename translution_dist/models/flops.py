@@ -33,7 +33,7 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
-from translution_dist.models.config import ModelConfig
+from translution_dist.models.config import BANK_ATTENTIONS, MIXERS, ModelConfig
 from translution_dist.ops import RelativeLayout
 
 Split = Literal["pairs", "heads", "root"]
@@ -79,7 +79,7 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
     layout = cfg.layout()
     n, c, inner, depth = layout.max_tokens, d.dim, d.heads * d.dim_head, d.depth
     relative_blocks = cfg.num_relative_blocks
-    if cfg.attention == "self_attention":
+    if cfg.attention not in BANK_ATTENTIONS:
         pairs = 0
     elif pairs is None:
         pairs = allowed_pairs(layout)
@@ -112,7 +112,13 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
                  (scores_rel + ("v" in relative_sides)) * 2 * pairs * low, "pairs", matmul=False)
         relative("dense attention products", dense_products, "heads")
         relative("v_up projection", ("v" in relative_sides) * 2 * n * low * inner, "heads")
-    plain_blocks = depth - relative_blocks  # self-attention: all blocks; a hybrid's plain blocks
+    elif cfg.attention == "acmix":
+        block("qkv projection", 2 * n * c * 3 * inner, "heads")
+        block("shift fc (k² maps per head from 3h features)",
+              2 * n * d.dim_head * 3 * d.heads * cfg.mixer_kernel ** 2 * d.heads, "heads")
+        block("dense attention products (window-masked)", dense_products, "heads")
+    # self-attention: all blocks; a hybrid's plain blocks; a mixer: none
+    plain_blocks = 0 if cfg.attention in MIXERS else depth - relative_blocks
     hybrid = " (self-attention blocks)" if relative_blocks else ""
     block(f"qkv projection{hybrid}", 2 * n * c * 3 * inner, "heads", blocks=plain_blocks)
     block(f"dense attention products{hybrid}", dense_products, "heads", blocks=plain_blocks)

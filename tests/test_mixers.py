@@ -1,0 +1,149 @@
+"""The convolution–attention mixers (issue 14): each against a direct, slow implementation of its
+paper's formula in float64 (forward and gradients), its parameter count, its FLOP census and
+its config errors. Training under FSDP2 is in ``test_parallel_fsdp.py``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from translution_dist.models import ModelConfig, build_model, count_parameters
+from translution_dist.models.flops import flop_terms
+from translution_dist.models.mixers import ACmix
+from translution_dist.ops import ImageGridLayout
+
+GRID = ImageGridLayout(3, 4)  # rectangular, so rows and columns cannot be confused
+DIM, HEADS, DIM_HEAD = 6, 2, 3
+
+
+def mnist(attention: str, **fields) -> ModelConfig:
+    """The Dynamic MNIST ViT (configs/models/mnist_vit_*.yaml) with another mixer."""
+    return ModelConfig(arch="vit", attention=attention, preset="tiny", image_size=84, patch_size=12, channels=1,
+                       num_classes=10, **fields)
+
+
+def assert_matches_reference(layer: torch.nn.Module, reference, tokens: int) -> None:
+    """``layer`` and ``reference(layer, x)`` agree in float64: outputs, input and parameter gradients."""
+    torch.manual_seed(0)
+    layer = layer.double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # move α, β, norms away from their initial values
+    x = torch.randn(2, tokens, DIM, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, tokens, DIM, dtype=torch.float64)
+    inputs = [x, *layer.parameters()]
+    got = layer(x)
+    want = reference(layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for name, g, w in zip(["x", *(n for n, _ in layer.named_parameters())],
+                          torch.autograd.grad((got * probe).sum(), inputs),
+                          torch.autograd.grad((want * probe).sum(), inputs), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+# -- ACmix ----------------------------------------------------------------------------------------
+
+def acmix_reference(layer: ACmix, x: Tensor) -> Tensor:
+    """Token by token, head by head, offset by offset: the paper's two paths and their mix."""
+    layout, k, d, h = layer.layout, layer.kernel_size, layer.dim_head, layer.heads
+    r = k // 2
+    xn = torch.nn.functional.layer_norm(x, (x.shape[-1],), layer.norm.weight, layer.norm.bias)
+    q, key, v = (t.unflatten(-1, (h, d)) for t in (xn @ layer.qkv_proj.weight.T).chunk(3, dim=-1))
+    features = [q, key, v]  # feature j = (which of q, k, v) · h + head
+    fc = layer.shift_fc.weight  # [k²·h, 3h]: map p of head t is row p·h + t
+
+    def position(i: int) -> tuple[int, int] | None:
+        return None if i == 0 else divmod(i - 1, layout.width)
+
+    def token(row: int, col: int) -> int | None:
+        inside = 0 <= row < layout.height and 0 <= col < layout.width
+        return 1 + row * layout.width + col if inside else None
+
+    def feature_map(p: int, head: int, i: int) -> Tensor:  # f_p of head t at token i: [B, d]
+        return sum(fc[p * h + head, j] * features[j // h][:, i, j % h] for j in range(3 * h))
+
+    n = x.shape[1]
+    rows = []
+    for i in range(n):
+        heads = []
+        for t in range(h):
+            window = [j for j in range(n) if position(i) is None or position(j) is None
+                      or max(abs(a - b) for a, b in zip(position(i), position(j))) <= r]
+            scores = torch.stack([(q[:, i, t] * key[:, j, t]).sum(-1) / math.sqrt(d) for j in window], dim=-1)
+            weights = scores.softmax(-1)
+            attn = sum(weights[:, m, None] * v[:, j, t] for m, j in enumerate(window))
+            if position(i) is None:
+                conv = feature_map(k * k // 2, t, i)
+            else:
+                conv = torch.zeros_like(attn)
+                for p in range(k * k):
+                    src = token(position(i)[0] + p // k - r, position(i)[1] + p % k - r)
+                    if src is not None:
+                        conv = conv + feature_map(p, t, src)
+            heads.append(layer.alpha * attn + layer.beta * conv)
+        rows.append(torch.cat(heads, dim=-1))
+    return layer.out_proj(torch.stack(rows, dim=1))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 1])
+def test_acmix_matches_the_papers_formula(kernel_size):
+    layer = ACmix(GRID, DIM, HEADS, DIM_HEAD, kernel_size)
+    assert_matches_reference(layer, acmix_reference, GRID.max_tokens)
+
+
+def test_acmix_parameter_count():
+    """norm 2C, shared q/k/v 3·C·C', fc 3h·k²h, α and β, out_proj C'·C + C; the whole DMNIST model too."""
+    cfg = mnist("acmix")
+    c, h, d, k = 192, 3, 64, 3
+    layer = c * 2 + 3 * c * h * d + 3 * h * k * k * h + 2 + h * d * c + c
+    model = build_model(cfg)
+    assert count_parameters(model.encoder.blocks[0].attn) == layer
+    sa = build_model(mnist("self_attention", position="none"))  # the same ViT with self-attention layers
+    sa_layer = count_parameters(sa.encoder.blocks[0].attn)
+    assert count_parameters(model) == count_parameters(sa) + 6 * (layer - sa_layer) == 2_698_216
+
+
+# -- shared checks ----------------------------------------------------------------------------------
+
+TINY_VIT = dict(arch="vit", dim=16, heads=2, dim_head=8, depth=2, mlp_dim=32, image_size=12, patch_size=4,
+                channels=1, num_classes=5)
+
+
+@pytest.mark.parametrize("attention", ["acmix"])
+def test_flop_census_equals_torch_flop_counter(attention):
+    """Every Linear (forward and backward); CPU SDPA has no FLOP formula, so its term is left out."""
+    cfg = ModelConfig(attention=attention, **TINY_VIT)
+    model = build_model(cfg)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(3, 1, 12, 12)).sum().backward()
+    counted = [t for t in flop_terms(cfg) if t.matmul and "attention products" not in t.name]
+    assert counter.get_total_flops() == 3 * sum(t.executed for t in counted)
+    assert any("attention products" in t.name for t in flop_terms(cfg))
+
+
+@pytest.mark.parametrize("attention", ["acmix"])
+def test_mixer_builds_on_meta_and_materialises(attention):
+    cfg = ModelConfig(attention=attention, **TINY_VIT)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.manual_seed(0)
+    assert torch.isfinite(model(torch.randn(2, 1, 12, 12))).all()
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(arch="gpt"), "attention=acmix is defined on image grids: use arch=vit"),
+    (dict(arch="vit", mixer_kernel=4), "mixer_kernel must be odd"),
+    (dict(arch="vit", position="rope"), "takes position=none or learned"),
+    (dict(arch="vit", relative="v"), "relative='v' applies to attention=translution or alpha only"),
+    (dict(arch="vit", relative_blocks=1), "relative_blocks applies to attention=translution or alpha"),
+])
+def test_mixer_config_errors_name_the_field(changes, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelConfig.model_validate({"attention": "acmix", "image_size": 12, "patch_size": 4, **changes})
