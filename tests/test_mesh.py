@@ -98,14 +98,16 @@ def test_check_model(model, parallel, message):
         ParallelConfig(**parallel).check_model(ModelConfig(**{**TINY_GPT, **model}))
 
 
-@pytest.mark.parametrize("parallel,message", [
-    (dict(tp=2), r"tp=2 does not apply to attention=acmix: .*mixes the features of all heads; set tp: 1"),
-    (dict(dispp=2), "attention=acmix has none"),
+@pytest.mark.parametrize("attention,parallel,message", [
+    ("acmix", dict(tp=2), r"tp=2 does not apply to attention=acmix: .*mixes the features of all heads; set tp: 1"),
+    ("acmix", dict(dispp=2), "attention=acmix has none"),
+    ("shift_structure", dict(tp=2), r"tp=2 does not apply to attention=shift_structure: .*table \[K, heads\]"),
+    ("shift_structure", dict(dispp=2), "attention=shift_structure has none"),
 ])
-def test_mixers_refuse_model_parallelism_they_do_not_have(parallel, message):
-    acmix = ModelConfig(arch="vit", attention="acmix", image_size=6, patch_size=2, dim=16, heads=2, dim_head=8)
+def test_mixers_refuse_model_parallelism_they_do_not_have(attention, parallel, message):
+    mixer = ModelConfig(arch="vit", attention=attention, image_size=6, patch_size=2, dim=16, heads=2, dim_head=8)
     with pytest.raises(ValueError, match=message):
-        ParallelConfig(**parallel).check_model(acmix)
+        ParallelConfig(**parallel).check_model(mixer)
 
 
 def test_vocab_parallel_needs_gpt_and_tp():

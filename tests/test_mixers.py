@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from translution_dist.models import ModelConfig, build_model, count_parameters
 from translution_dist.models.flops import flop_terms
-from translution_dist.models.mixers import ACmix
-from translution_dist.ops import ImageGridLayout
+from translution_dist.models.mixers import ACmix, ShiftStructureAttention
+from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 GRID = ImageGridLayout(3, 4)  # rectangular, so rows and columns cannot be confused
 DIM, HEADS, DIM_HEAD = 6, 2, 3
@@ -108,37 +108,104 @@ def test_acmix_parameter_count():
     assert count_parameters(model) == count_parameters(sa) + 6 * (layer - sa_layer) == 2_698_216
 
 
+# -- structure embedding by shift matrices ------------------------------------------------------------
+
+def displacement(layout: RelativeLayout, i: int, j: int) -> int | None:
+    """The table row of pair ``(i, j)`` from the layouts' documented formulas; None if masked."""
+    if isinstance(layout, CausalLayout):
+        return i - j if j <= i else None
+    k = layout.num_displacements
+    if i == 0 or j == 0:
+        return {(True, True): k - 3, (True, False): k - 2, (False, True): k - 1}[(i == 0, j == 0)]
+    (ra, ca), (rc, cc) = divmod(i - 1, layout.width), divmod(j - 1, layout.width)
+    return (ra - rc + layout.height - 1) * (2 * layout.width - 1) + (ca - cc + layout.width - 1)
+
+
+def shift_structure_reference(layer: ShiftStructureAttention, x: Tensor) -> Tensor:
+    """``out_t = (softmax(Q_t K_tᵀ/√d) + Σ_δ λ_{δ,t} S_δ) V_t``, with every ``S_δ`` built as a 0/1 matrix."""
+    n, d = x.shape[1], layer.dim_head
+    xn = torch.nn.functional.layer_norm(x, (x.shape[-1],), layer.norm.weight, layer.norm.bias)
+    q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (xn @ layer.qkv_proj.weight.T).chunk(3, dim=-1))
+    allowed = torch.tensor([[displacement(layer.layout, i, j) is not None for j in range(n)] for i in range(n)])
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+    structure = torch.zeros(q.shape[1], n, n, dtype=x.dtype)
+    for delta in range(layer.layout.num_displacements):
+        shift = torch.tensor([[float(displacement(layer.layout, i, j) == delta) for j in range(n)]
+                              for i in range(n)], dtype=x.dtype)
+        structure = structure + layer.structure[delta][:, None, None] * shift
+    out = (scores.softmax(-1) + structure) @ v
+    return layer.out_proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("layout,causal,tokens", [(GRID, False, GRID.max_tokens), (CausalLayout(7), True, 7),
+                                                  (CausalLayout(7), True, 4)])
+def test_shift_structure_matches_the_papers_formula(layout, causal, tokens):
+    layer = ShiftStructureAttention(layout, DIM, HEADS, DIM_HEAD, causal)
+    assert_matches_reference(layer, shift_structure_reference, tokens)
+
+
+def test_shift_structure_parameter_count():
+    """Self-attention's layer plus one scalar per displacement and head (K = 13·13 + 3 on the 7×7 grid)."""
+    model = build_model(mnist("shift_structure"))
+    sa = build_model(mnist("self_attention", position="none"))
+    extra = (13 * 13 + 3) * 3
+    assert count_parameters(model.encoder.blocks[0].attn) == count_parameters(sa.encoder.blocks[0].attn) + extra
+    assert count_parameters(model) == count_parameters(sa) + 6 * extra == 2_699_842
+
+
 # -- shared checks ----------------------------------------------------------------------------------
 
-TINY_VIT = dict(arch="vit", dim=16, heads=2, dim_head=8, depth=2, mlp_dim=32, image_size=12, patch_size=4,
-                channels=1, num_classes=5)
+TINY = dict(dim=16, heads=2, dim_head=8, depth=2, mlp_dim=32)
+SHAPES = {"vit": dict(image_size=12, patch_size=4, channels=1, num_classes=5),
+          "gpt": dict(context_length=9, vocab_size=20)}
+MIXER_ARCHS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure")]
 
 
-@pytest.mark.parametrize("attention", ["acmix"])
-def test_flop_census_equals_torch_flop_counter(attention):
-    """Every Linear (forward and backward); CPU SDPA has no FLOP formula, so its term is left out."""
-    cfg = ModelConfig(attention=attention, **TINY_VIT)
+def tiny(arch: str, attention: str) -> ModelConfig:
+    return ModelConfig(arch=arch, attention=attention, **TINY, **SHAPES[arch])
+
+
+def inputs(cfg: ModelConfig, batch: int = 3) -> Tensor:
+    if cfg.arch == "vit":
+        return torch.randn(batch, cfg.channels, *cfg.image_hw)
+    return torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))
+
+
+@pytest.mark.parametrize("arch,attention", MIXER_ARCHS)
+def test_flop_census_equals_torch_flop_counter(arch, attention):
+    """Every matmul, forward and backward; CPU SDPA has no FLOP formula, so its term is left out."""
+    cfg = tiny(arch, attention)
     model = build_model(cfg)
     with FlopCounterMode(display=False) as counter:
-        model(torch.randn(3, 1, 12, 12)).sum().backward()
+        model(inputs(cfg)).sum().backward()
     counted = [t for t in flop_terms(cfg) if t.matmul and "attention products" not in t.name]
     assert counter.get_total_flops() == 3 * sum(t.executed for t in counted)
     assert any("attention products" in t.name for t in flop_terms(cfg))
 
 
-@pytest.mark.parametrize("attention", ["acmix"])
-def test_mixer_builds_on_meta_and_materialises(attention):
-    cfg = ModelConfig(attention=attention, **TINY_VIT)
+@pytest.mark.parametrize("arch,attention", MIXER_ARCHS)
+def test_mixer_builds_on_meta_and_materialises(arch, attention):
+    cfg = tiny(arch, attention)
     with torch.device("meta"):
         model = build_model(cfg)
     model.to_empty(device="cpu")
     model.init_weights()
     torch.manual_seed(0)
-    assert torch.isfinite(model(torch.randn(2, 1, 12, 12))).all()
+    assert torch.isfinite(model(inputs(cfg))).all()
+
+
+def test_gpt_mixers_are_causal():
+    cfg = tiny("gpt", "shift_structure")
+    model = build_model(cfg)
+    tokens = inputs(cfg)
+    changed = tokens.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(tokens)[:, :5], model(changed)[:, :5])
+    assert not torch.allclose(model(tokens)[:, 5:], model(changed)[:, 5:])
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(arch="gpt"), "attention=acmix is defined on image grids: use arch=vit"),
+    (dict(arch="gpt"), "attention=acmix is defined for arch=vit only, got arch=gpt"),
     (dict(arch="vit", mixer_kernel=4), "mixer_kernel must be odd"),
     (dict(arch="vit", position="rope"), "takes position=none or learned"),
     (dict(arch="vit", relative="v"), "relative='v' applies to attention=translution or alpha only"),

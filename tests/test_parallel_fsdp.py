@@ -159,16 +159,16 @@ def _zero3_variant_cases(rank: int, world: int) -> None:
             assert probe.samples > 0 and probe.peak == probe.chunk_numel, (probe.peak, probe.chunk_numel)
 
 
-MIXERS = ("acmix",)  # the convolution–attention family (translution_dist.models.mixers)
+MIXERS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure")]  # models/mixers
 
 
 def _mixer_cases(rank: int, world: int) -> None:
     mesh, pc = fsdp_layout(world)
-    for attention in MIXERS:
-        cfg = tiny_config("vit", attention, 1)
+    for arch, attention in MIXERS:
+        cfg = tiny_config(arch, attention, 1)
         torch.manual_seed(0)
         reference = build_model(cfg)
-        with case(attention):
+        with case(f"{arch}/{attention}"):
             train_and_compare(cfg, sharded_copy(cfg, reference, mesh, pc), reference, rank, world)
 
 

@@ -54,7 +54,7 @@ def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool, relat
     ``relative=False`` gives a hybrid's plain block: self-attention without position information.
     """
     if cfg.attention in MIXERS:
-        return make_mixer(cfg, layout)
+        return make_mixer(cfg, layout, causal)
     d = cfg.dims
     rotary = RotaryEmbedding(layout, d.dim_head, cfg.rope_convention) if cfg.rotary else None
     if relative and cfg.attention == "translution":

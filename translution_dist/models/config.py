@@ -15,13 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 Arch = Literal["vit", "gpt"]
-AttentionKind = Literal["translution", "alpha", "self_attention", "acmix"]
+AttentionKind = Literal["translution", "alpha", "self_attention", "acmix", "shift_structure"]
 BANK_ATTENTIONS = ("translution", "alpha")
 """Attentions with displacement banks (what ``relative``, ``relative_blocks`` and ``dispp`` act on)."""
-MIXERS = ("acmix",)
-"""The convolution–attention family of ``translution_dist.models.mixers`` (image grids: arch=vit)."""
+MIXERS: dict[str, tuple[str, ...]] = {"acmix": ("vit",), "shift_structure": ("vit", "gpt")}
+"""The convolution–attention family of ``translution_dist.models.mixers`` and the archs each is defined for."""
 TP_REFUSALS = {
     "acmix": "its convolution path's fully connected layer mixes the features of all heads",
+    "shift_structure": "its shift-matrix table [K, heads] is indexed for all heads inside the layer",
 }
 """Mixers that tensor parallelism cannot split by heads, and why (one place; parallelism reads it)."""
 Position = Literal["learned", "none", "rope", "learned+rope", "relative_bias"]
@@ -56,7 +57,7 @@ class ModelConfig(BaseModel):
     attention: AttentionKind = Field(
         description="translution: full Translution; alpha: α-Translution (attention + rank-r Translution); "
                     "self_attention: the baseline; acmix: ACmix (convolution and local attention on shared "
-                    "projections, arch=vit).")
+                    "projections, arch=vit); shift_structure: attention plus learned shift matrices (Andreoli).")
     preset: Literal["tiny", "mini", "small", "base", "large"] = Field(
         "tiny", description="Widths of the paper's sizes: tiny 192/6 layers/3 heads/MLP 768, mini 192/12/3/768, "
                             "small 384/12/6/1536, base 768/12/12/3072, large 1024/24/16/4096; dim_head 64.")
@@ -152,8 +153,9 @@ class ModelConfig(BaseModel):
         return self
 
     def _check_mixer(self) -> None:
-        if self.arch != "vit":
-            raise ValueError(f"attention={self.attention} is defined on image grids: use arch=vit")
+        if self.arch not in MIXERS[self.attention]:
+            raise ValueError(f"attention={self.attention} is defined for arch={' or '.join(MIXERS[self.attention])} "
+                             f"only, got arch={self.arch}")
         if self.resolved_position not in ("none", "learned"):
             raise ValueError(f"attention={self.attention} takes position=none or learned, got {self.position}")
         if self.mixer_kernel % 2 == 0:

@@ -117,6 +117,10 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
         block("shift fc (k² maps per head from 3h features)",
               2 * n * d.dim_head * 3 * d.heads * cfg.mixer_kernel ** 2 * d.heads, "heads")
         block("dense attention products (window-masked)", dense_products, "heads")
+    elif cfg.attention == "shift_structure":
+        block("qkv projection", 2 * n * c * 3 * inner, "heads")
+        block("dense attention products", dense_products, "heads")
+        block("shift-matrix products (Σ λ_δ S_δ)·V", 2 * n * n * inner, "heads")
     # self-attention: all blocks; a hybrid's plain blocks; a mixer: none
     plain_blocks = 0 if cfg.attention in MIXERS else depth - relative_blocks
     hybrid = " (self-attention blocks)" if relative_blocks else ""

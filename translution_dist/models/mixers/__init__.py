@@ -12,15 +12,18 @@ from torch import nn
 
 from translution_dist.models.config import ModelConfig
 from translution_dist.models.mixers.acmix import ACmix
+from translution_dist.models.mixers.shift_structure import ShiftStructureAttention
 from translution_dist.ops import RelativeLayout
 
 
-def make_mixer(cfg: ModelConfig, layout: RelativeLayout) -> nn.Module:
+def make_mixer(cfg: ModelConfig, layout: RelativeLayout, causal: bool) -> nn.Module:
     """The mixer ``cfg.attention`` names (the config validator has checked that it suits ``cfg.arch``)."""
     d = cfg.dims
     if cfg.attention == "acmix":
         return ACmix(layout, d.dim, d.heads, d.dim_head, cfg.mixer_kernel, cfg.dropout)
+    if cfg.attention == "shift_structure":
+        return ShiftStructureAttention(layout, d.dim, d.heads, d.dim_head, causal, cfg.dropout)
     raise ValueError(f"attention={cfg.attention!r} is not a mixer of translution_dist.models.mixers")
 
 
-__all__ = ["ACmix", "make_mixer"]
+__all__ = ["ACmix", "ShiftStructureAttention", "make_mixer"]
