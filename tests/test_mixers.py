@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from translution_dist.models import ModelConfig, build_model, count_parameters
 from translution_dist.models.flops import flop_terms
-from translution_dist.models.mixers import ACmix, ShiftStructureAttention
+from translution_dist.models.mixers import ACmix, ShiftStructureAttention, UniFormerMixer
 from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 GRID = ImageGridLayout(3, 4)  # rectangular, so rows and columns cannot be confused
@@ -153,12 +153,66 @@ def test_shift_structure_parameter_count():
     assert count_parameters(model) == count_parameters(sa) + 6 * extra == 2_699_842
 
 
+# -- UniFormer ------------------------------------------------------------------------------------------
+
+def depthwise_reference(conv: torch.nn.Conv2d, layout: ImageGridLayout, x: Tensor) -> Tensor:
+    """``y_i = b + Σ_{j∈k×k(i)} a^{i−j} ⊙ x_j`` over the grid; the class token: centre tap and bias."""
+    k = conv.kernel_size[0]
+    r = k // 2
+    rows = [x[:, 0] * conv.weight[:, 0, r, r] + conv.bias]
+    for i in range(1, x.shape[1]):
+        row, col = divmod(i - 1, layout.width)
+        out = conv.bias.expand_as(x[:, i])
+        for dr in range(-r, r + 1):
+            for dc in range(-r, r + 1):
+                if 0 <= row + dr < layout.height and 0 <= col + dc < layout.width:
+                    out = out + conv.weight[:, 0, dr + r, dc + r] * x[:, 1 + (row + dr) * layout.width + col + dc]
+        rows.append(out)
+    return torch.stack(rows, dim=1)
+
+
+def uniformer_reference(layer: UniFormerMixer, x: Tensor) -> Tensor:
+    """``DPE(x) + MHRA(Norm(X))`` with ``X = x + DPE(x)``: local ``U(a ∗ V)`` or global softmax attention."""
+    dpe = depthwise_reference(layer.position.conv, GRID, x)
+    agg = layer.aggregator
+    xn = torch.nn.functional.layer_norm(x + dpe, (x.shape[-1],), agg.norm.weight, agg.norm.bias)
+    if isinstance(agg, torch.nn.Module) and hasattr(agg, "affinity"):
+        mixed = depthwise_reference(agg.affinity.conv, GRID, xn @ agg.v_proj.weight.T + agg.v_proj.bias)
+    else:
+        q, k, v = (t.unflatten(-1, (-1, DIM_HEAD)).transpose(1, 2) for t in (xn @ agg.qkv_proj.weight.T).chunk(3, -1))
+        mixed = ((q @ k.transpose(-1, -2) / math.sqrt(DIM_HEAD)).softmax(-1) @ v).transpose(1, 2).flatten(2)
+    return dpe + agg.out_proj(mixed)
+
+
+@pytest.mark.parametrize("local,kernel_size", [(True, 3), (True, 5), (False, 3)])
+def test_uniformer_matches_the_papers_formula(local, kernel_size):
+    layer = UniFormerMixer(GRID, DIM, HEADS, DIM_HEAD, local, kernel_size)
+    assert_matches_reference(layer, uniformer_reference, GRID.max_tokens)
+
+
+def test_uniformer_parameter_count_and_block_split():
+    """DPE C·9 + C in every block; local: norm, V (C·C' + C'), k×k depthwise (C'·k² + C'), U; global: self-attention."""
+    model = build_model(mnist("uniformer"))
+    sa = build_model(mnist("self_attention", position="none"))
+    c, inner, k = 192, 192, 3
+    dpe = c * 9 + c
+    local = 2 * c + c * inner + inner + inner * k * k + inner + inner * c + c
+    kinds = [type(block.attn.aggregator).__name__ for block in model.encoder.blocks]
+    assert kinds == ["LocalRelationAggregator"] * 3 + ["SelfAttention"] * 3
+    assert count_parameters(model.encoder.blocks[0].attn) == dpe + local
+    sa_layer = count_parameters(sa.encoder.blocks[0].attn)
+    assert count_parameters(model.encoder.blocks[5].attn) == dpe + sa_layer
+    assert count_parameters(model) == count_parameters(sa) + 6 * dpe + 3 * (local - sa_layer) == 2_493_418
+    assert [type(b.attn.aggregator).__name__ for b in build_model(mnist("uniformer", local_blocks=1)).encoder.blocks
+            ].count("LocalRelationAggregator") == 1
+
+
 # -- shared checks ----------------------------------------------------------------------------------
 
 TINY = dict(dim=16, heads=2, dim_head=8, depth=2, mlp_dim=32)
 SHAPES = {"vit": dict(image_size=12, patch_size=4, channels=1, num_classes=5),
           "gpt": dict(context_length=9, vocab_size=20)}
-MIXER_ARCHS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure")]
+MIXER_ARCHS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure"), ("vit", "uniformer")]
 
 
 def tiny(arch: str, attention: str) -> ModelConfig:
@@ -171,15 +225,28 @@ def inputs(cfg: ModelConfig, batch: int = 3) -> Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))
 
 
+def counted_flops(model: torch.nn.Module, x: Tensor, backward: bool) -> dict[str, int]:
+    """FLOPs by aten operator, as torch's FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if backward:
+            out.sum().backward()
+    return {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
 @pytest.mark.parametrize("arch,attention", MIXER_ARCHS)
 def test_flop_census_equals_torch_flop_counter(arch, attention):
-    """Every matmul, forward and backward; CPU SDPA has no FLOP formula, so its term is left out."""
+    """Every matmul and convolution forward, and every matmul's backward. Left out: CPU SDPA (no FLOP
+    formula) and the backward of depthwise convolutions, which FlopCounterMode counts as if ungrouped."""
     cfg = tiny(arch, attention)
-    model = build_model(cfg)
-    with FlopCounterMode(display=False) as counter:
-        model(inputs(cfg)).sum().backward()
+    torch.manual_seed(0)
+    model, x = build_model(cfg), inputs(cfg)
     counted = [t for t in flop_terms(cfg) if t.matmul and "attention products" not in t.name]
-    assert counter.get_total_flops() == 3 * sum(t.executed for t in counted)
+    convolutions = sum(t.forward for t in counted if "depthwise" in t.name)
+    assert sum(counted_flops(model, x, backward=False).values()) == 3 * sum(t.forward for t in counted)
+    both = counted_flops(model, x, backward=True)
+    both.pop("aten.convolution_backward", None)
+    assert sum(both.values()) == 3 * (sum(t.executed for t in counted) - 2 * convolutions)
     assert any("attention products" in t.name for t in flop_terms(cfg))
 
 
@@ -210,6 +277,9 @@ def test_gpt_mixers_are_causal():
     (dict(arch="vit", position="rope"), "takes position=none or learned"),
     (dict(arch="vit", relative="v"), "relative='v' applies to attention=translution or alpha only"),
     (dict(arch="vit", relative_blocks=1), "relative_blocks applies to attention=translution or alpha"),
+    (dict(arch="vit", local_blocks=1), "local_blocks applies to attention=uniformer only"),
+    (dict(arch="vit", attention="uniformer", local_blocks=7), r"local_blocks \(7\) exceeds depth \(6\)"),
+    (dict(arch="gpt", attention="uniformer"), "attention=uniformer is defined for arch=vit only"),
 ])
 def test_mixer_config_errors_name_the_field(changes, message):
     with pytest.raises(ValidationError, match=message):

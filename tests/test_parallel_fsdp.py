@@ -159,7 +159,8 @@ def _zero3_variant_cases(rank: int, world: int) -> None:
             assert probe.samples > 0 and probe.peak == probe.chunk_numel, (probe.peak, probe.chunk_numel)
 
 
-MIXERS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure")]  # models/mixers
+MIXERS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure"),  # models/mixers
+          ("vit", "uniformer")]
 
 
 def _mixer_cases(rank: int, world: int) -> None:

@@ -48,13 +48,15 @@ class Block(nn.Module):
         return x + self.ff(x)
 
 
-def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool, relative: bool = True) -> nn.Module:
+def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool, relative: bool = True,
+                   index: int = 0) -> nn.Module:
     """The attention layer or mixer ``cfg`` asks for (``causal`` only matters to self-attention).
 
     ``relative=False`` gives a hybrid's plain block: self-attention without position information.
+    ``index``: the block's place in the encoder (a mixer may differ by depth, as UniFormer's).
     """
     if cfg.attention in MIXERS:
-        return make_mixer(cfg, layout, causal)
+        return make_mixer(cfg, layout, causal, index)
     d = cfg.dims
     rotary = RotaryEmbedding(layout, d.dim_head, cfg.rope_convention) if cfg.rotary else None
     if relative and cfg.attention == "translution":
@@ -80,7 +82,7 @@ class Encoder(nn.Module):
         d = cfg.dims
         relative = cfg.num_relative_blocks
         self.blocks = nn.ModuleList(
-            Block(make_attention(cfg, layout, causal, relative=i < relative), d.dim, d.mlp_dim, cfg.dropout)
+            Block(make_attention(cfg, layout, causal, relative=i < relative, index=i), d.dim, d.mlp_dim, cfg.dropout)
             for i in range(d.depth))
         self.norm = nn.LayerNorm(d.dim)
 

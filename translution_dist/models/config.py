@@ -15,14 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 Arch = Literal["vit", "gpt"]
-AttentionKind = Literal["translution", "alpha", "self_attention", "acmix", "shift_structure"]
+AttentionKind = Literal["translution", "alpha", "self_attention", "acmix", "shift_structure",
+                        "uniformer"]
 BANK_ATTENTIONS = ("translution", "alpha")
 """Attentions with displacement banks (what ``relative``, ``relative_blocks`` and ``dispp`` act on)."""
-MIXERS: dict[str, tuple[str, ...]] = {"acmix": ("vit",), "shift_structure": ("vit", "gpt")}
+MIXERS: dict[str, tuple[str, ...]] = {"acmix": ("vit",), "shift_structure": ("vit", "gpt"), "uniformer": ("vit",)}
 """The convolution–attention family of ``translution_dist.models.mixers`` and the archs each is defined for."""
 TP_REFUSALS = {
     "acmix": "its convolution path's fully connected layer mixes the features of all heads",
     "shift_structure": "its shift-matrix table [K, heads] is indexed for all heads inside the layer",
+    "uniformer": "its local blocks' depthwise convolutions have no head-parallel rule",
 }
 """Mixers that tensor parallelism cannot split by heads, and why (one place; parallelism reads it)."""
 Position = Literal["learned", "none", "rope", "learned+rope", "relative_bias"]
@@ -57,7 +59,8 @@ class ModelConfig(BaseModel):
     attention: AttentionKind = Field(
         description="translution: full Translution; alpha: α-Translution (attention + rank-r Translution); "
                     "self_attention: the baseline; acmix: ACmix (convolution and local attention on shared "
-                    "projections, arch=vit); shift_structure: attention plus learned shift matrices (Andreoli).")
+                    "projections, arch=vit); shift_structure: attention plus learned shift matrices (Andreoli); uniformer: UniFormer's relation "
+                    "aggregator (local in shallow blocks, global in deep ones, arch=vit).")
     preset: Literal["tiny", "mini", "small", "base", "large"] = Field(
         "tiny", description="Widths of the paper's sizes: tiny 192/6 layers/3 heads/MLP 768, mini 192/12/3/768, "
                             "small 384/12/6/1536, base 768/12/12/3072, large 1024/24/16/4096; dim_head 64.")
@@ -88,7 +91,11 @@ class ModelConfig(BaseModel):
                                 "the others self-attention without position information (causal in a GPT). "
                                 "Default: every block.")
     mixer_kernel: int = Field(
-        3, ge=1, description="attention=acmix: side k of the k×k window (attention) and kernel (convolution); odd.")
+        3, ge=1, description="Mixers' window side k, odd. acmix: the k×k attention window and convolution kernel; "
+                             "uniformer: local MHRA's k×k depthwise affinity (the paper's 5).")
+    local_blocks: int | None = Field(
+        None, ge=0, description="attention=uniformer: the first N blocks use local MHRA, the others global MHRA "
+                                "(self-attention). Default: half the depth (rounded down).")
     pool: Literal["cls", "mean"] = Field(
         "cls", description="arch=vit: classify from the class token (cls) or the mean of all tokens (mean).")
     dropout: float = Field(
@@ -129,6 +136,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"relative={self.relative!r} applies to attention=translution or alpha only; remove it")
         if self.attention in MIXERS:
             self._check_mixer()
+        if self.local_blocks is not None and self.attention != "uniformer":
+            raise ValueError("local_blocks applies to attention=uniformer only; remove it")
         position = self.resolved_position
         if self.attention != "self_attention" and position == "relative_bias":
             raise ValueError("position=relative_bias applies to attention=self_attention only; use none, learned "
@@ -158,6 +167,8 @@ class ModelConfig(BaseModel):
                              f"only, got arch={self.arch}")
         if self.resolved_position not in ("none", "learned"):
             raise ValueError(f"attention={self.attention} takes position=none or learned, got {self.position}")
+        if self.local_blocks is not None and self.local_blocks > self.dims.depth:
+            raise ValueError(f"local_blocks ({self.local_blocks}) exceeds depth ({self.dims.depth})")
         if self.mixer_kernel % 2 == 0:
             raise ValueError(f"mixer_kernel must be odd (a window centred on its token), got {self.mixer_kernel}")
 
@@ -191,6 +202,11 @@ class ModelConfig(BaseModel):
         if self.attention not in BANK_ATTENTIONS:
             return 0
         return self.dims.depth if self.relative_blocks is None else self.relative_blocks
+
+    @property
+    def num_local_blocks(self) -> int:
+        """attention=uniformer: blocks with local MHRA (the first ones)."""
+        return self.dims.depth // 2 if self.local_blocks is None else self.local_blocks
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -121,12 +121,23 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
         block("qkv projection", 2 * n * c * 3 * inner, "heads")
         block("dense attention products", dense_products, "heads")
         block("shift-matrix products (Σ λ_δ S_δ)·V", 2 * n * n * inner, "heads")
+    elif cfg.attention == "uniformer":
+        local, patches = cfg.num_local_blocks, cfg.num_patches
+        block("DPE depthwise 3×3 convolution", 2 * patches * c * 3 * 3, "heads")
+        block("local MHRA v and u projections", 2 * 2 * n * c * inner, "heads", blocks=local)
+        block("local MHRA depthwise k×k affinity", 2 * patches * inner * cfg.mixer_kernel ** 2, "heads", blocks=local)
+        block("global MHRA qkv projection", 2 * n * c * 3 * inner, "heads", blocks=depth - local)
+        block("dense attention products (global MHRA)", dense_products, "heads", blocks=depth - local)
     # self-attention: all blocks; a hybrid's plain blocks; a mixer: none
     plain_blocks = 0 if cfg.attention in MIXERS else depth - relative_blocks
     hybrid = " (self-attention blocks)" if relative_blocks else ""
     block(f"qkv projection{hybrid}", 2 * n * c * 3 * inner, "heads", blocks=plain_blocks)
     block(f"dense attention products{hybrid}", dense_products, "heads", blocks=plain_blocks)
-    block("out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads")  # the identity otherwise
+    if cfg.attention != "uniformer":  # its local blocks count u with v
+        block("out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads")  # the identity otherwise
+    else:
+        block("global MHRA out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads",
+              blocks=depth - cfg.num_local_blocks)
     block("feed-forward", 2 * 2 * n * c * d.mlp_dim, "heads")
     if cfg.arch == "gpt":
         terms.append(FlopTerm("head", 2 * n * c * cfg.vocab_size, "root", True))

@@ -13,17 +13,22 @@ from torch import nn
 from translution_dist.models.config import ModelConfig
 from translution_dist.models.mixers.acmix import ACmix
 from translution_dist.models.mixers.shift_structure import ShiftStructureAttention
+from translution_dist.models.mixers.uniformer import UniFormerMixer
 from translution_dist.ops import RelativeLayout
 
 
-def make_mixer(cfg: ModelConfig, layout: RelativeLayout, causal: bool) -> nn.Module:
-    """The mixer ``cfg.attention`` names (the config validator has checked that it suits ``cfg.arch``)."""
+def make_mixer(cfg: ModelConfig, layout: RelativeLayout, causal: bool, index: int) -> nn.Module:
+    """The mixer ``cfg.attention`` names for block ``index`` (the config validator has checked that it suits
+    ``cfg.arch``)."""
     d = cfg.dims
     if cfg.attention == "acmix":
         return ACmix(layout, d.dim, d.heads, d.dim_head, cfg.mixer_kernel, cfg.dropout)
     if cfg.attention == "shift_structure":
         return ShiftStructureAttention(layout, d.dim, d.heads, d.dim_head, causal, cfg.dropout)
+    if cfg.attention == "uniformer":
+        return UniFormerMixer(layout, d.dim, d.heads, d.dim_head, index < cfg.num_local_blocks, cfg.mixer_kernel,
+                              cfg.dropout)
     raise ValueError(f"attention={cfg.attention!r} is not a mixer of translution_dist.models.mixers")
 
 
-__all__ = ["ACmix", "ShiftStructureAttention", "make_mixer"]
+__all__ = ["ACmix", "ShiftStructureAttention", "UniFormerMixer", "make_mixer"]
