@@ -104,6 +104,7 @@ def test_check_model(model, parallel, message):
     ("shift_structure", dict(tp=2), r"tp=2 does not apply to attention=shift_structure: .*table \[K, heads\]"),
     ("shift_structure", dict(dispp=2), "attention=shift_structure has none"),
     ("uniformer", dict(tp=2), r"tp=2 does not apply to attention=uniformer: .*depthwise convolutions"),
+    ("mixformer", dict(tp=2), r"tp=2 does not apply to attention=mixformer: .*channel interaction"),
 ])
 def test_mixers_refuse_model_parallelism_they_do_not_have(attention, parallel, message):
     mixer = ModelConfig(arch="vit", attention=attention, image_size=6, patch_size=2, dim=16, heads=2, dim_head=8)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from translution_dist.models import ModelConfig, build_model, count_parameters
 from translution_dist.models.flops import flop_terms
-from translution_dist.models.mixers import ACmix, ShiftStructureAttention, UniFormerMixer
+from translution_dist.models.mixers import ACmix, MixFormerMixer, ShiftStructureAttention, UniFormerMixer
 from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 GRID = ImageGridLayout(3, 4)  # rectangular, so rows and columns cannot be confused
@@ -207,12 +207,69 @@ def test_uniformer_parameter_count_and_block_split():
             ].count("LocalRelationAggregator") == 1
 
 
+# -- MixFormer ------------------------------------------------------------------------------------------
+
+def mixformer_reference(layer: MixFormerMixer, x: Tensor) -> Tensor:
+    """Both branches and both interactions, the window attention token by token."""
+    gelu, sigmoid = torch.nn.functional.gelu, torch.sigmoid
+
+    def linear(module: torch.nn.Linear, t: Tensor) -> Tensor:
+        return t @ module.weight.T + (0 if module.bias is None else module.bias)
+
+    def bottleneck(seq: torch.nn.Sequential, t: Tensor) -> Tensor:
+        return linear(seq[2], gelu(linear(seq[0], t)))
+
+    xn = torch.nn.functional.layer_norm(x, (x.shape[-1],), layer.norm.weight, layer.norm.bias)
+    conv = gelu(depthwise_reference(layer.conv.conv, GRID, linear(layer.conv_in, xn)))
+    gap = conv[:, 1:].sum(dim=1) / GRID.height / GRID.width
+    s = sigmoid(bottleneck(layer.channel_interaction, gap))
+    q, k, v = linear(layer.qkv_proj, linear(layer.attn_in, xn)).chunk(3, dim=-1)
+    v = v * s[:, None]
+    d, w = layer.dim_head, layer.window
+
+    def window_of(i: int) -> tuple[int, int] | None:
+        return None if i == 0 else tuple(p // w for p in divmod(i - 1, GRID.width))
+
+    n = x.shape[1]
+    rows = []
+    for i in range(n):
+        keys = [j for j in range(n) if i == 0 or j == 0 or window_of(i) == window_of(j)]
+        heads = []
+        for t in range(q.shape[-1] // d):
+            part = slice(t * d, (t + 1) * d)
+            weights = torch.stack([(q[:, i, part] * k[:, j, part]).sum(-1) for j in keys], -1).div(math.sqrt(d))
+            heads.append(sum(weights.softmax(-1)[:, m, None] * v[:, j, part] for m, j in enumerate(keys)))
+        rows.append(torch.cat(heads, dim=-1))
+    attn = torch.stack(rows, dim=1)
+    m = sigmoid(bottleneck(layer.spatial_interaction, attn))
+    return layer.out_proj(torch.cat([attn, linear(layer.conv_out, conv) * m], dim=-1))
+
+
+@pytest.mark.parametrize("window", [2, 3, 4])
+def test_mixformer_matches_the_papers_formula(window):
+    layer = MixFormerMixer(GRID, DIM, HEADS, 4, window)
+    assert_matches_reference(layer, mixformer_reference, GRID.max_tokens)
+
+
+def test_mixformer_parameter_count():
+    """norm; W_a, W_c, DWConv, W_p; W_qkv; channel C→C/8→A; spatial A→A/8→1; out_proj C'→C."""
+    model = build_model(mnist("mixformer"))
+    c, half = 192, 96
+    layer = (2 * c + (c * half + half) + (c * c + c) + (9 * c + c) + (c * half + half) + half * 3 * half
+             + (c * 24 + 24 + 24 * half + half) + (half * 12 + 12 + 12 + 1) + (2 * half * c + c))
+    assert count_parameters(model.encoder.blocks[0].attn) == layer
+    sa = build_model(mnist("self_attention", position="none"))
+    assert count_parameters(model) == count_parameters(sa) + 6 * (layer - count_parameters(sa.encoder.blocks[0].attn)) \
+        == 2_704_528
+
+
 # -- shared checks ----------------------------------------------------------------------------------
 
 TINY = dict(dim=16, heads=2, dim_head=8, depth=2, mlp_dim=32)
 SHAPES = {"vit": dict(image_size=12, patch_size=4, channels=1, num_classes=5),
           "gpt": dict(context_length=9, vocab_size=20)}
-MIXER_ARCHS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure"), ("vit", "uniformer")]
+MIXER_ARCHS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure"), ("vit", "uniformer"),
+               ("vit", "mixformer")]
 
 
 def tiny(arch: str, attention: str) -> ModelConfig:
@@ -280,6 +337,7 @@ def test_gpt_mixers_are_causal():
     (dict(arch="vit", local_blocks=1), "local_blocks applies to attention=uniformer only"),
     (dict(arch="vit", attention="uniformer", local_blocks=7), r"local_blocks \(7\) exceeds depth \(6\)"),
     (dict(arch="gpt", attention="uniformer"), "attention=uniformer is defined for arch=vit only"),
+    (dict(arch="vit", attention="mixformer", dim_head=7), "dim_head for its attention branch: it must be even"),
 ])
 def test_mixer_config_errors_name_the_field(changes, message):
     with pytest.raises(ValidationError, match=message):

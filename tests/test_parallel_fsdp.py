@@ -160,7 +160,7 @@ def _zero3_variant_cases(rank: int, world: int) -> None:
 
 
 MIXERS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure"),  # models/mixers
-          ("vit", "uniformer")]
+          ("vit", "uniformer"), ("vit", "mixformer")]
 
 
 def _mixer_cases(rank: int, world: int) -> None:

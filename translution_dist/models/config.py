@@ -16,15 +16,17 @@ from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 Arch = Literal["vit", "gpt"]
 AttentionKind = Literal["translution", "alpha", "self_attention", "acmix", "shift_structure",
-                        "uniformer"]
+                        "uniformer", "mixformer"]
 BANK_ATTENTIONS = ("translution", "alpha")
 """Attentions with displacement banks (what ``relative``, ``relative_blocks`` and ``dispp`` act on)."""
-MIXERS: dict[str, tuple[str, ...]] = {"acmix": ("vit",), "shift_structure": ("vit", "gpt"), "uniformer": ("vit",)}
+MIXERS: dict[str, tuple[str, ...]] = {"acmix": ("vit",), "shift_structure": ("vit", "gpt"), "uniformer": ("vit",),
+                                      "mixformer": ("vit",)}
 """The convolution–attention family of ``translution_dist.models.mixers`` and the archs each is defined for."""
 TP_REFUSALS = {
     "acmix": "its convolution path's fully connected layer mixes the features of all heads",
     "shift_structure": "its shift-matrix table [K, heads] is indexed for all heads inside the layer",
     "uniformer": "its local blocks' depthwise convolutions have no head-parallel rule",
+    "mixformer": "its channel interaction maps all convolution channels to all heads' values",
 }
 """Mixers that tensor parallelism cannot split by heads, and why (one place; parallelism reads it)."""
 Position = Literal["learned", "none", "rope", "learned+rope", "relative_bias"]
@@ -60,7 +62,8 @@ class ModelConfig(BaseModel):
         description="translution: full Translution; alpha: α-Translution (attention + rank-r Translution); "
                     "self_attention: the baseline; acmix: ACmix (convolution and local attention on shared "
                     "projections, arch=vit); shift_structure: attention plus learned shift matrices (Andreoli); uniformer: UniFormer's relation "
-                    "aggregator (local in shallow blocks, global in deep ones, arch=vit).")
+                    "aggregator (local in shallow blocks, global in deep ones, arch=vit); mixformer: "
+                    "window attention ∥ depthwise convolution with bidirectional interactions (arch=vit).")
     preset: Literal["tiny", "mini", "small", "base", "large"] = Field(
         "tiny", description="Widths of the paper's sizes: tiny 192/6 layers/3 heads/MLP 768, mini 192/12/3/768, "
                             "small 384/12/6/1536, base 768/12/12/3072, large 1024/24/16/4096; dim_head 64.")
@@ -92,7 +95,8 @@ class ModelConfig(BaseModel):
                                 "Default: every block.")
     mixer_kernel: int = Field(
         3, ge=1, description="Mixers' window side k, odd. acmix: the k×k attention window and convolution kernel; "
-                             "uniformer: local MHRA's k×k depthwise affinity (the paper's 5).")
+                             "uniformer: local MHRA's k×k depthwise affinity (the paper's 5); mixformer: the side of "
+                             "its non-overlapping attention windows (the paper's 7).")
     local_blocks: int | None = Field(
         None, ge=0, description="attention=uniformer: the first N blocks use local MHRA, the others global MHRA "
                                 "(self-attention). Default: half the depth (rounded down).")
@@ -169,6 +173,9 @@ class ModelConfig(BaseModel):
             raise ValueError(f"attention={self.attention} takes position=none or learned, got {self.position}")
         if self.local_blocks is not None and self.local_blocks > self.dims.depth:
             raise ValueError(f"local_blocks ({self.local_blocks}) exceeds depth ({self.dims.depth})")
+        if self.attention == "mixformer" and self.dims.dim_head % 2:
+            raise ValueError(f"attention=mixformer halves dim_head for its attention branch: it must be even, "
+                             f"got {self.dims.dim_head}")
         if self.mixer_kernel % 2 == 0:
             raise ValueError(f"mixer_kernel must be odd (a window centred on its token), got {self.mixer_kernel}")
 

@@ -128,6 +128,14 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
         block("local MHRA depthwise k×k affinity", 2 * patches * inner * cfg.mixer_kernel ** 2, "heads", blocks=local)
         block("global MHRA qkv projection", 2 * n * c * 3 * inner, "heads", blocks=depth - local)
         block("dense attention products (global MHRA)", dense_products, "heads", blocks=depth - local)
+    elif cfg.attention == "mixformer":
+        half, reduced = inner // 2, max(1, c // 8)
+        block("branch projections (attention in, convolution in and out)", 2 * n * c * (half + c + half), "heads")
+        block("depthwise 3×3 convolution", 2 * cfg.num_patches * c * 3 * 3, "heads")
+        block("qkv projection", 2 * n * half * 3 * half, "heads")
+        block("channel interaction", 2 * (c * reduced + reduced * half), "heads")
+        block("spatial interaction", 2 * n * (half * max(1, half // 8) + max(1, half // 8)), "heads")
+        block("dense attention products (window-masked)", 2 * 2 * n * n * half, "heads")
     # self-attention: all blocks; a hybrid's plain blocks; a mixer: none
     plain_blocks = 0 if cfg.attention in MIXERS else depth - relative_blocks
     hybrid = " (self-attention blocks)" if relative_blocks else ""

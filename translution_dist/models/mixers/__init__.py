@@ -12,6 +12,7 @@ from torch import nn
 
 from translution_dist.models.config import ModelConfig
 from translution_dist.models.mixers.acmix import ACmix
+from translution_dist.models.mixers.mixformer import MixFormerMixer
 from translution_dist.models.mixers.shift_structure import ShiftStructureAttention
 from translution_dist.models.mixers.uniformer import UniFormerMixer
 from translution_dist.ops import RelativeLayout
@@ -28,7 +29,9 @@ def make_mixer(cfg: ModelConfig, layout: RelativeLayout, causal: bool, index: in
     if cfg.attention == "uniformer":
         return UniFormerMixer(layout, d.dim, d.heads, d.dim_head, index < cfg.num_local_blocks, cfg.mixer_kernel,
                               cfg.dropout)
+    if cfg.attention == "mixformer":
+        return MixFormerMixer(layout, d.dim, d.heads, d.dim_head, cfg.mixer_kernel, cfg.dropout)
     raise ValueError(f"attention={cfg.attention!r} is not a mixer of translution_dist.models.mixers")
 
 
-__all__ = ["ACmix", "ShiftStructureAttention", "UniFormerMixer", "make_mixer"]
+__all__ = ["ACmix", "MixFormerMixer", "ShiftStructureAttention", "UniFormerMixer", "make_mixer"]
