@@ -41,8 +41,8 @@ from launcher.shard_model import (
 from parallelism.activation_checkpoint import ActivationCheckpoint
 from parallelism.config import ParallelConfig
 from translution_dist.models import ModelConfig
-from translution_dist.models.config import BANK_ATTENTIONS
 from translution_dist.models.attention import DEFAULT_PAIR_CHUNK_BYTES, chunk_bounds
+from translution_dist.models.config import BANK_ATTENTIONS
 from translution_dist.ops import RelativeLayout, pair_plan, pairs_per_chunk
 
 Where = Literal["device", "host", "nvme"]
