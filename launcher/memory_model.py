@@ -42,6 +42,7 @@ from parallelism.activation_checkpoint import ActivationCheckpoint
 from parallelism.config import ParallelConfig
 from translution_dist.models import ModelConfig
 from translution_dist.models.attention import DEFAULT_PAIR_CHUNK_BYTES, chunk_bounds
+from translution_dist.models.config import BANK_ATTENTIONS
 from translution_dist.ops import RelativeLayout, pair_plan, pairs_per_chunk
 
 Where = Literal["device", "host", "nvme"]
@@ -328,7 +329,7 @@ def kernel_transient_bytes(model: ModelConfig, layout: ParallelConfig, s: Shapes
     are not a strided view (scores: q, k and a gradient; values: v and a gradient).
     """
     dense = s.batch * s.heads * s.tokens ** 2 * p.probs(model, layout)
-    if model.attention == "self_attention":
+    if model.attention not in BANK_ATTENTIONS:  # self-attention; a mixer counted as one
         return 3 * dense
     c_in = s.low_rank if model.attention == "alpha" else s.dim
     c_out = s.low_rank // layout.tp if model.attention == "alpha" else s.inner
@@ -345,7 +346,7 @@ def kernel_transient_bytes(model: ModelConfig, layout: ParallelConfig, s: Shapes
 def index_bytes(model: ModelConfig, layout: ParallelConfig, batch: int) -> tuple[int, int]:
     """``(host, device)`` bytes of cached index tensors: the layout's ``[N, N]`` index maps
     (host) and the pair plans of every bank chunk (three int64 per planned pair, on the device)."""
-    if model.attention == "self_attention":
+    if model.attention not in BANK_ATTENTIONS:
         return 0, 0
     n = model.layout().max_tokens
     d = model.dims

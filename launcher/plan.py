@@ -40,6 +40,7 @@ from launcher.topology import Topology, parse_bytes
 from parallelism.config import ParallelConfig
 from training.config import Config
 from training.hardware import PRESETS, Hardware
+from translution_dist.models.config import BANK_ATTENTIONS
 
 DEFAULT_HEADROOM = 0.10
 HOST_RUNTIME = {"cuda": 4 * GiB, "cpu": GiB // 2}
@@ -327,7 +328,7 @@ def hints(cfg: Config, cluster: Cluster) -> list[str]:
     """When nothing fits: the smallest change that would make a layout fit (``model.bank_chunks``,
     the micro-batch, with or without more accumulation, or an NVMe path for DeepSpeed)."""
     out = []
-    k = cfg.model.layout().num_displacements if cfg.model.attention != "self_attention" else 1
+    k = cfg.model.layout().num_displacements if cfg.model.attention in BANK_ATTENTIONS else 1
     for chunks in sorted({min(k, cfg.model.bank_chunks * 2 ** i) for i in range(1, 8)}):
         if chunks > cfg.model.bank_chunks and _any_fits(cfg, {"model": {"bank_chunks": chunks}}, cluster):
             out.append(f"model.bank_chunks={chunks} (a smaller ZeRO-3 gather unit; changes the checkpoint's keys)")

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from translution_dist.models.config import BANK_ATTENTIONS, TP_REFUSALS
+
 EngineName = Literal["fsdp", "deepspeed", "none"]
 """The ZeRO-3 engine that shards parameters over the data-parallel ranks (``parallel.engine``)."""
 Offload = Literal["none", "cpu", "nvme"]
@@ -116,6 +118,9 @@ class ParallelConfig(BaseModel):
         dims = model.dims
         attention = model.attention
         if self.tp > 1:
+            if attention in TP_REFUSALS:
+                raise ValueError(f"tp={self.tp} does not apply to attention={attention}: "
+                                 f"{TP_REFUSALS[attention]}; set tp: 1 (FSDP2 shards it like any model)")
             if dims.heads % self.tp:
                 extra = ("; for attention=alpha the banks [K, heads·r, heads·r] are split by heads on their "
                          "output axis too, so the same rule applies" if attention == "alpha" else "")
@@ -131,8 +136,8 @@ class ParallelConfig(BaseModel):
         if self.vocab_parallel and (model.arch != "gpt" or self.tp == 1):
             raise ValueError("vocab_parallel applies to arch=gpt with tp>1; set vocab_parallel: false")
         if self.dispp > 1:
-            if attention == "self_attention":
-                raise ValueError("dispp splits displacement banks and self-attention has none; "
+            if attention not in BANK_ATTENTIONS:
+                raise ValueError(f"dispp splits displacement banks and attention={attention} has none; "
                                  "set dispp: 1 or attention: translution/alpha")
             if model.num_relative_blocks == 0:
                 raise ValueError("dispp splits displacement banks and relative_blocks=0 leaves none; "

@@ -88,7 +88,7 @@ def test_invalid_fields_name_the_field_and_the_fix(fields, message):
     (dict(attention="alpha"), dict(tp=4), r"banks \[K, heads·r, heads·r\] are split by heads on their output"),
     (dict(attention="translution", heads=4, mlp_dim=30), dict(tp=4), r"tp=4 must divide mlp_dim=30"),
     (dict(attention="self_attention", position="relative_bias"), dict(tp=2), "relative_bias"),
-    (dict(attention="self_attention"), dict(dispp=2), "self-attention has none"),
+    (dict(attention="self_attention"), dict(dispp=2), "attention=self_attention has none"),
     (dict(attention="translution", relative_blocks=0), dict(dispp=2), "relative_blocks=0 leaves none"),
     (dict(attention="alpha", bank_chunks=4), dict(dispp=4), r"dispp=4 exceeds the 2 displacement rows .*bank_chunks=4"),
     (dict(attention="translution"), dict(dispp=9), r"exceeds the 8 displacement rows"),
@@ -96,6 +96,20 @@ def test_invalid_fields_name_the_field_and_the_fix(fields, message):
 def test_check_model(model, parallel, message):
     with pytest.raises(ValueError, match=message):
         ParallelConfig(**parallel).check_model(ModelConfig(**{**TINY_GPT, **model}))
+
+
+@pytest.mark.parametrize("attention,parallel,message", [
+    ("acmix", dict(tp=2), r"tp=2 does not apply to attention=acmix: .*mixes the features of all heads; set tp: 1"),
+    ("acmix", dict(dispp=2), "attention=acmix has none"),
+    ("shift_structure", dict(tp=2), r"tp=2 does not apply to attention=shift_structure: .*table \[K, heads\]"),
+    ("shift_structure", dict(dispp=2), "attention=shift_structure has none"),
+    ("uniformer", dict(tp=2), r"tp=2 does not apply to attention=uniformer: .*depthwise convolutions"),
+    ("mixformer", dict(tp=2), r"tp=2 does not apply to attention=mixformer: .*channel interaction"),
+])
+def test_mixers_refuse_model_parallelism_they_do_not_have(attention, parallel, message):
+    mixer = ModelConfig(arch="vit", attention=attention, image_size=6, patch_size=2, dim=16, heads=2, dim_head=8)
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(**parallel).check_model(mixer)
 
 
 def test_vocab_parallel_needs_gpt_and_tp():

@@ -25,6 +25,11 @@ PAPER_COUNTS = {
     "mnist_vit_self_attention": 2_706_346,
     "mnist_vit_alpha": 4_590_634,
     "mnist_vit_translution": 116_164_138,
+    # the convolution–attention mixers at the same size (not in the paper; docs/models.md)
+    "mnist_vit_acmix": 2_698_216,
+    "mnist_vit_shift_structure": 2_699_842,
+    "mnist_vit_uniformer": 2_493_418,
+    "mnist_vit_mixformer": 2_704_528,
 }
 
 TINY = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, alpha_rank=2)

@@ -1,6 +1,7 @@
 """FSDP2 ZeRO-3 (with and without CPU offload, HSDP) against the single-process model.
 
-Every case trains a tiny ViT/GPT with full Translution or α-Translution for three AdamW steps
+Every case trains a tiny ViT/GPT with full Translution or α-Translution (or a ViT with one of the
+convolution–attention mixers) for three AdamW steps
 (weight decay, gradient clipping) on 2 gloo processes, from the single-process model's
 weights (loaded through ``load_full_state``), and checks the loss at every step, the
 gradients of the first step and the parameters at the end, gathered, against the
@@ -158,6 +159,20 @@ def _zero3_variant_cases(rank: int, world: int) -> None:
             assert probe.samples > 0 and probe.peak == probe.chunk_numel, (probe.peak, probe.chunk_numel)
 
 
+MIXERS = [("vit", "acmix"), ("vit", "shift_structure"), ("gpt", "shift_structure"),  # models/mixers
+          ("vit", "uniformer"), ("vit", "mixformer")]
+
+
+def _mixer_cases(rank: int, world: int) -> None:
+    mesh, pc = fsdp_layout(world)
+    for arch, attention in MIXERS:
+        cfg = tiny_config(arch, attention, 1)
+        torch.manual_seed(0)
+        reference = build_model(cfg)
+        with case(f"{arch}/{attention}"):
+            train_and_compare(cfg, sharded_copy(cfg, reference, mesh, pc), reference, rank, world)
+
+
 def _hsdp_case(rank: int, world: int) -> None:
     mesh, pc = fsdp_layout(world, dp_replicate=2, dp_shard=2)
     cfg = tiny_config("gpt", "translution", 3)
@@ -224,6 +239,11 @@ def test_zero3_matches_single_process(arch):
 def test_zero3_official_variants_match_single_process():
     """α subsets, a hybrid with RoPE, a rectangular grid with mean pooling, RoPE-Translution."""
     run_in_processes(_zero3_variant_cases, 2)
+
+
+def test_mixers_train_like_single_process():
+    """Every convolution–attention mixer, ZeRO-3 on 2 ranks: three steps as the single process."""
+    run_in_processes(_mixer_cases, 2)
 
 
 def test_hsdp_matches_single_process():

@@ -21,6 +21,7 @@ from training.checkpoint.locate import (
     dcp_metadata,
     model_config,
 )
+from translution_dist.models.config import BANK_ATTENTIONS
 
 SECTIONS = ("model", "optim")
 
@@ -41,7 +42,7 @@ def _model_summary(located: Located) -> dict[str, Any]:
         return {"error": str(err)}
     dims = cfg.dims
     summary = {"arch": cfg.arch, "attention": cfg.attention, **dims._asdict(), "bank_chunks": cfg.bank_chunks}
-    if cfg.attention != "self_attention":
+    if cfg.attention in BANK_ATTENTIONS:
         summary["displacements"] = cfg.layout().num_displacements
     return summary
 

@@ -15,7 +15,8 @@ from translution_dist.models.attention import (
     SelfAttention,
     TranslutionAttention,
 )
-from translution_dist.models.config import ModelConfig
+from translution_dist.models.config import MIXERS, ModelConfig
+from translution_dist.models.mixers import make_mixer
 from translution_dist.ops import RelativeLayout
 
 
@@ -47,11 +48,15 @@ class Block(nn.Module):
         return x + self.ff(x)
 
 
-def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool, relative: bool = True) -> nn.Module:
-    """The attention layer ``cfg`` asks for (``causal`` only matters to self-attention).
+def make_attention(cfg: ModelConfig, layout: RelativeLayout, causal: bool, relative: bool = True,
+                   index: int = 0) -> nn.Module:
+    """The attention layer or mixer ``cfg`` asks for (``causal`` only matters to self-attention).
 
     ``relative=False`` gives a hybrid's plain block: self-attention without position information.
+    ``index``: the block's place in the encoder (a mixer may differ by depth, as UniFormer's).
     """
+    if cfg.attention in MIXERS:
+        return make_mixer(cfg, layout, causal, index)
     d = cfg.dims
     rotary = RotaryEmbedding(layout, d.dim_head, cfg.rope_convention) if cfg.rotary else None
     if relative and cfg.attention == "translution":
@@ -77,7 +82,7 @@ class Encoder(nn.Module):
         d = cfg.dims
         relative = cfg.num_relative_blocks
         self.blocks = nn.ModuleList(
-            Block(make_attention(cfg, layout, causal, relative=i < relative), d.dim, d.mlp_dim, cfg.dropout)
+            Block(make_attention(cfg, layout, causal, relative=i < relative, index=i), d.dim, d.mlp_dim, cfg.dropout)
             for i in range(d.depth))
         self.norm = nn.LayerNorm(d.dim)
 

@@ -15,7 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from translution_dist.ops import CausalLayout, ImageGridLayout, RelativeLayout
 
 Arch = Literal["vit", "gpt"]
-AttentionKind = Literal["translution", "alpha", "self_attention"]
+AttentionKind = Literal["translution", "alpha", "self_attention", "acmix", "shift_structure",
+                        "uniformer", "mixformer"]
+BANK_ATTENTIONS = ("translution", "alpha")
+"""Attentions with displacement banks (what ``relative``, ``relative_blocks`` and ``dispp`` act on)."""
+MIXERS: dict[str, tuple[str, ...]] = {"acmix": ("vit",), "shift_structure": ("vit", "gpt"), "uniformer": ("vit",),
+                                      "mixformer": ("vit",)}
+"""The convolution–attention family of ``translution_dist.models.mixers`` and the archs each is defined for."""
+TP_REFUSALS = {
+    "acmix": "its convolution path's fully connected layer mixes the features of all heads",
+    "shift_structure": "its shift-matrix table [K, heads] is indexed for all heads inside the layer",
+    "uniformer": "its local blocks' depthwise convolutions have no head-parallel rule",
+    "mixformer": "its channel interaction maps all convolution channels to all heads' values",
+}
+"""Mixers that tensor parallelism cannot split by heads, and why (one place; parallelism reads it)."""
 Position = Literal["learned", "none", "rope", "learned+rope", "relative_bias"]
 Size2D = int | tuple[int, int]
 
@@ -47,7 +60,10 @@ class ModelConfig(BaseModel):
     arch: Arch = Field(description="vit: image classifier (class token, patch grid); gpt: causal language model.")
     attention: AttentionKind = Field(
         description="translution: full Translution; alpha: α-Translution (attention + rank-r Translution); "
-                    "self_attention: the baseline.")
+                    "self_attention: the baseline; acmix: ACmix (convolution and local attention on shared "
+                    "projections, arch=vit); shift_structure: attention plus learned shift matrices (Andreoli); uniformer: UniFormer's relation "
+                    "aggregator (local in shallow blocks, global in deep ones, arch=vit); mixformer: "
+                    "window attention ∥ depthwise convolution with bidirectional interactions (arch=vit).")
     preset: Literal["tiny", "mini", "small", "base", "large"] = Field(
         "tiny", description="Widths of the paper's sizes: tiny 192/6 layers/3 heads/MLP 768, mini 192/12/3/768, "
                             "small 384/12/6/1536, base 768/12/12/3072, large 1024/24/16/4096; dim_head 64.")
@@ -77,6 +93,13 @@ class ModelConfig(BaseModel):
         None, ge=0, description="Hybrid (official tln_num): only the first N blocks use the relative attention, "
                                 "the others self-attention without position information (causal in a GPT). "
                                 "Default: every block.")
+    mixer_kernel: int = Field(
+        3, ge=1, description="Mixers' window side k, odd. acmix: the k×k attention window and convolution kernel; "
+                             "uniformer: local MHRA's k×k depthwise affinity (the paper's 5); mixformer: the side of "
+                             "its non-overlapping attention windows (the paper's 7).")
+    local_blocks: int | None = Field(
+        None, ge=0, description="attention=uniformer: the first N blocks use local MHRA, the others global MHRA "
+                                "(self-attention). Default: half the depth (rounded down).")
     pool: Literal["cls", "mean"] = Field(
         "cls", description="arch=vit: classify from the class token (cls) or the mean of all tokens (mean).")
     dropout: float = Field(
@@ -113,8 +136,12 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"image_size ({self.image_size}) is not divisible by patch_size ({self.patch_size}); "
                 "choose a patch size that divides the image side")
-        if self.attention == "self_attention" and self.relative != "qkv":
+        if self.attention not in BANK_ATTENTIONS and self.relative != "qkv":
             raise ValueError(f"relative={self.relative!r} applies to attention=translution or alpha only; remove it")
+        if self.attention in MIXERS:
+            self._check_mixer()
+        if self.local_blocks is not None and self.attention != "uniformer":
+            raise ValueError("local_blocks applies to attention=uniformer only; remove it")
         position = self.resolved_position
         if self.attention != "self_attention" and position == "relative_bias":
             raise ValueError("position=relative_bias applies to attention=self_attention only; use none, learned "
@@ -126,17 +153,31 @@ class ModelConfig(BaseModel):
         if self.rotary and self.dims.dim_head % 4:
             raise ValueError(f"position={position} needs dim_head divisible by 4, got {self.dims.dim_head}")
         if self.relative_blocks is not None:
-            if self.attention == "self_attention":
+            if self.attention not in BANK_ATTENTIONS:
                 raise ValueError("relative_blocks applies to attention=translution or alpha; remove it")
             if self.relative_blocks > self.dims.depth:
                 raise ValueError(f"relative_blocks ({self.relative_blocks}) exceeds depth ({self.dims.depth})")
         if self.arch == "gpt" and self.pool != "cls":
             raise ValueError("pool applies to arch=vit only; remove it")
         k = self.layout().num_displacements
-        if self.attention != "self_attention" and self.bank_chunks > k:
+        if self.attention in BANK_ATTENTIONS and self.bank_chunks > k:
             raise ValueError(
                 f"bank_chunks ({self.bank_chunks}) exceeds the K={k} displacements of this model; use at most {k}")
         return self
+
+    def _check_mixer(self) -> None:
+        if self.arch not in MIXERS[self.attention]:
+            raise ValueError(f"attention={self.attention} is defined for arch={' or '.join(MIXERS[self.attention])} "
+                             f"only, got arch={self.arch}")
+        if self.resolved_position not in ("none", "learned"):
+            raise ValueError(f"attention={self.attention} takes position=none or learned, got {self.position}")
+        if self.local_blocks is not None and self.local_blocks > self.dims.depth:
+            raise ValueError(f"local_blocks ({self.local_blocks}) exceeds depth ({self.dims.depth})")
+        if self.attention == "mixformer" and self.dims.dim_head % 2:
+            raise ValueError(f"attention=mixformer halves dim_head for its attention branch: it must be even, "
+                             f"got {self.dims.dim_head}")
+        if self.mixer_kernel % 2 == 0:
+            raise ValueError(f"mixer_kernel must be odd (a window centred on its token), got {self.mixer_kernel}")
 
     @property
     def dims(self) -> Dims:
@@ -165,9 +206,14 @@ class ModelConfig(BaseModel):
     @property
     def num_relative_blocks(self) -> int:
         """Blocks with the relative attention (``depth`` but for hybrids and self-attention)."""
-        if self.attention == "self_attention":
+        if self.attention not in BANK_ATTENTIONS:
             return 0
         return self.dims.depth if self.relative_blocks is None else self.relative_blocks
+
+    @property
+    def num_local_blocks(self) -> int:
+        """attention=uniformer: blocks with local MHRA (the first ones)."""
+        return self.dims.depth // 2 if self.local_blocks is None else self.local_blocks
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -33,7 +33,7 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
-from translution_dist.models.config import ModelConfig
+from translution_dist.models.config import BANK_ATTENTIONS, MIXERS, ModelConfig
 from translution_dist.ops import RelativeLayout
 
 Split = Literal["pairs", "heads", "root"]
@@ -79,7 +79,7 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
     layout = cfg.layout()
     n, c, inner, depth = layout.max_tokens, d.dim, d.heads * d.dim_head, d.depth
     relative_blocks = cfg.num_relative_blocks
-    if cfg.attention == "self_attention":
+    if cfg.attention not in BANK_ATTENTIONS:
         pairs = 0
     elif pairs is None:
         pairs = allowed_pairs(layout)
@@ -112,11 +112,40 @@ def flop_terms(cfg: ModelConfig, pairs: int | None = None) -> list[FlopTerm]:
                  (scores_rel + ("v" in relative_sides)) * 2 * pairs * low, "pairs", matmul=False)
         relative("dense attention products", dense_products, "heads")
         relative("v_up projection", ("v" in relative_sides) * 2 * n * low * inner, "heads")
-    plain_blocks = depth - relative_blocks  # self-attention: all blocks; a hybrid's plain blocks
+    elif cfg.attention == "acmix":
+        block("qkv projection", 2 * n * c * 3 * inner, "heads")
+        block("shift fc (k² maps per head from 3h features)",
+              2 * n * d.dim_head * 3 * d.heads * cfg.mixer_kernel ** 2 * d.heads, "heads")
+        block("dense attention products (window-masked)", dense_products, "heads")
+    elif cfg.attention == "shift_structure":
+        block("qkv projection", 2 * n * c * 3 * inner, "heads")
+        block("dense attention products", dense_products, "heads")
+        block("shift-matrix products (Σ λ_δ S_δ)·V", 2 * n * n * inner, "heads")
+    elif cfg.attention == "uniformer":
+        local, patches = cfg.num_local_blocks, cfg.num_patches
+        block("DPE depthwise 3×3 convolution", 2 * patches * c * 3 * 3, "heads")
+        block("local MHRA v and u projections", 2 * 2 * n * c * inner, "heads", blocks=local)
+        block("local MHRA depthwise k×k affinity", 2 * patches * inner * cfg.mixer_kernel ** 2, "heads", blocks=local)
+        block("global MHRA qkv projection", 2 * n * c * 3 * inner, "heads", blocks=depth - local)
+        block("dense attention products (global MHRA)", dense_products, "heads", blocks=depth - local)
+    elif cfg.attention == "mixformer":
+        half, reduced = inner // 2, max(1, c // 8)
+        block("branch projections (attention in, convolution in and out)", 2 * n * c * (half + c + half), "heads")
+        block("depthwise 3×3 convolution", 2 * cfg.num_patches * c * 3 * 3, "heads")
+        block("qkv projection", 2 * n * half * 3 * half, "heads")
+        block("channel interaction", 2 * (c * reduced + reduced * half), "heads")
+        block("spatial interaction", 2 * n * (half * max(1, half // 8) + max(1, half // 8)), "heads")
+        block("dense attention products (window-masked)", 2 * 2 * n * n * half, "heads")
+    # self-attention: all blocks; a hybrid's plain blocks; a mixer: none
+    plain_blocks = 0 if cfg.attention in MIXERS else depth - relative_blocks
     hybrid = " (self-attention blocks)" if relative_blocks else ""
     block(f"qkv projection{hybrid}", 2 * n * c * 3 * inner, "heads", blocks=plain_blocks)
     block(f"dense attention products{hybrid}", dense_products, "heads", blocks=plain_blocks)
-    block("out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads")  # the identity otherwise
+    if cfg.attention != "uniformer":  # its local blocks count u with v
+        block("out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads")  # the identity otherwise
+    else:
+        block("global MHRA out_proj", (d.heads > 1 or d.dim_head != c) * 2 * n * inner * c, "heads",
+              blocks=depth - cfg.num_local_blocks)
     block("feed-forward", 2 * 2 * n * c * d.mlp_dim, "heads")
     if cfg.arch == "gpt":
         terms.append(FlopTerm("head", 2 * n * c * cfg.vocab_size, "root", True))
