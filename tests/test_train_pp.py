@@ -1,0 +1,36 @@
+"""Pipeline parallelism in the trainer: a real 2-process ``pp=2`` run, checkpoints resharded to and from ``pp=1``.
+
+One layout on disk (the unsplit model's names) means a checkpoint crosses ``pp`` both ways: a
+single-process run's step-2 checkpoint continues at ``pp=2``, whose step-4 checkpoint continues
+in one process again, and the end matches the single-process run that never changed layout.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from test_train import _config, _final_model, _train
+
+pytestmark = pytest.mark.multiprocess  # every test here starts processes
+
+PIPELINE = {"engine": "fsdp", "dp_shard": 1, "pp": 2, "pp_microbatches": 4, "pp_schedule": "1f1b"}
+
+
+def test_checkpoints_cross_pp_both_ways(tmp_path):
+    config = _config(tmp_path, "pp", train={"steps": 6, "checkpoint_every": 2, "eval_batches": 0})
+    run_dir = tmp_path / "runs" / "pp"
+    _train(config)  # one process, no pipeline: the reference
+    reference = _final_model(run_dir)
+    for step in (4, 6):
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step:08d}")
+    result = _train(config, *(f"parallel.{k}={v}" for k, v in PIPELINE.items()), "train.steps=4", nproc=2)
+    assert "resumed from" in result.stderr
+    result = _train(config)  # from the pp=2 run's step-4 checkpoint
+    assert "resumed from" in result.stderr and "step_00000004" in result.stderr
+    final = _final_model(run_dir)
+    assert final.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
