@@ -40,7 +40,8 @@ def test_checkpoints_cross_pp_both_ways(tmp_path):
     _assert_same_model(run_dir, reference)
     dcp_to_torch_save(checkpoints / "step_00000004" / "dcp", tmp_path / "step4.pt")
     groups = torch.load(tmp_path / "step4.pt", weights_only=False)["optim"]["param_groups"]
-    assert [sorted(group["params"]) for group in groups] == [sorted(reference)], "the param group must list every stage's names"
+    names = [sorted(group["params"]) for group in groups]
+    assert names == [sorted(reference)], "the param group must list every stage's names"
     shutil.rmtree(checkpoints / "step_00000006")
     result = _train(config)  # pp=2 → pp=1: from the pipeline run's step-4 checkpoint
     assert "resumed from" in result.stderr and "step_00000004" in result.stderr

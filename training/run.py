@@ -30,8 +30,8 @@ from parallelism.pipeline import Pipeline, split_model
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
-from training.provenance import keep_tokenizer
 from training.pipeline_backend import PipelineBackend
+from training.provenance import keep_tokenizer
 from training.run_identity import OtherRunError, check_run_identity
 from training.run_lock import RunDirectoryLock, RunDirectoryLocked
 from training.stall import diagnose_stalls
