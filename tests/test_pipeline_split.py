@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from helpers.processes import tiny_batch
+from launcher.cli import main
 from parallelism import ParallelConfig, ParallelDims
 from parallelism.pipeline import balanced_split, block_costs, split_model, stage_blocks, stage_indices
 from test_parallel_fsdp import tiny_config
@@ -70,3 +74,15 @@ def test_layouts_that_cannot_work_are_refused_by_field(fields, says):
 def test_more_stages_than_blocks_are_refused():
     with pytest.raises(ValueError, match="exceed depth=2"):
         ParallelConfig(pp=4).check_model(tiny_config("vit", "alpha", 1))
+
+
+def test_plan_of_a_pipelined_config_lists_the_unpipelined_candidates(tmp_path, capsys):
+    """The planner does not price pp yet; a pp config must still get its candidate table (it crashed empty)."""
+    from test_plan import RUN
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**RUN, "parallel": {"engine": "fsdp", "pp": 2}, "train": {
+        "micro_batch_size": 4, "eval_batches": 0}}))
+    assert main(["plan", str(path), "--json", "--nodes", "1", "--gpus-per-node", "4"]) == 0
+    candidates = json.loads(capsys.readouterr().out)["candidates"]
+    assert candidates and all(c["layout"]["pp"] == 1 for c in candidates)
