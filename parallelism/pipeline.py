@@ -199,3 +199,15 @@ def pipeline_loss(losses: list[Tensor], pipeline: Pipeline, mesh: DeviceMesh) ->
         (), device=mesh.device_type)
     dist.all_reduce(loss, group=mesh["pp"].get_group())
     return loss
+
+
+@torch.no_grad()
+def run_forward(schedule: _PipelineSchedule, pipeline: Pipeline, inputs: Tensor, targets: Tensor) -> Tensor | None:
+    """The pipeline's output for a batch, forward only (evaluation): on the last stage, ``None`` elsewhere.
+
+    The targets go to the last stage as in training: 1F1B computes the loss in evaluation too.
+    """
+    losses: list[Tensor] = []
+    last = dict(target=targets, losses=losses) if pipeline.has_last_stage else {}
+    output = schedule.eval(inputs, **last) if pipeline.has_first_stage else schedule.eval(**last)
+    return output if pipeline.has_last_stage else None

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.multiprocess  # every test here starts processes
 PIPELINE = {"engine": "fsdp", "dp_shard": 1, "pp": 2, "pp_microbatches": 4, "pp_schedule": "1f1b"}
 
 
+def _evaluation(result) -> str:
+    """The run's final evaluation as logged (metrics rounded to 4 digits)."""
+    line = next(line for line in result.stderr.splitlines() if "done: step" in line)
+    return line.split(", eval ")[1].split("; run directory")[0]
+
+
 def _assert_same_model(run_dir, reference: dict[str, torch.Tensor]) -> None:
     final = _final_model(run_dir)
     assert final.keys() == reference.keys()
@@ -29,15 +35,16 @@ def _assert_same_model(run_dir, reference: dict[str, torch.Tensor]) -> None:
 
 
 def test_checkpoints_cross_pp_both_ways(tmp_path):
-    config = _config(tmp_path, "pp", train={"steps": 6, "checkpoint_every": 2, "eval_batches": 0})
+    config = _config(tmp_path, "pp", train={"steps": 6, "checkpoint_every": 2, "eval_batches": 2, "eval_every": 6})
     run_dir, checkpoints = tmp_path / "runs" / "pp", tmp_path / "runs" / "pp" / "checkpoints"
-    _train(config)  # one process, no pipeline: the reference
+    evaluation = _evaluation(_train(config))  # one process, no pipeline: the reference
     reference = _final_model(run_dir)
     for step in (4, 6):
         shutil.rmtree(checkpoints / f"step_{step:08d}")
     result = _train(config, *(f"parallel.{k}={v}" for k, v in PIPELINE.items()), nproc=2)  # pp=1 → pp=2
     assert "resumed from" in result.stderr
     _assert_same_model(run_dir, reference)
+    assert _evaluation(result) == evaluation  # evaluated through the stages
     dcp_to_torch_save(checkpoints / "step_00000004" / "dcp", tmp_path / "step4.pt")
     groups = torch.load(tmp_path / "step4.pt", weights_only=False)["optim"]["param_groups"]
     names = [sorted(group["params"]) for group in groups]

@@ -139,12 +139,10 @@ class Config(_Section):
         pc, train = self.parallel, self.train
         if pc.pp == 1:
             return
-        batch = train.micro_batch_size * train.grad_accum
-        if batch % pc.pp_microbatches:
-            raise ValueError(f"parallel.pp_microbatches={pc.pp_microbatches} must divide the step's batch per "
-                             f"data-parallel rank, train.micro_batch_size·grad_accum = {batch}")
+        if train.micro_batch_size % pc.pp_microbatches:
+            raise ValueError(f"parallel.pp_microbatches={pc.pp_microbatches} must divide train.micro_batch_size="
+                             f"{train.micro_batch_size} (a batch, also in evaluation, is cut into that many)")
         unsupported = {"parallel.pp_virtual_stages > 1 (the trainer runs one stage per rank)": pc.pp_virtual_stages > 1,
-                       "train.eval_batches > 0 (set 0)": train.eval_batches > 0,
                        "train.precision=fp16 (loss scaling; use bf16)": train.precision == "fp16",
                        "parallel.vocab_parallel": pc.vocab_parallel}
         refused = [what for what, present in unsupported.items() if present]

@@ -1,6 +1,7 @@
 """The torch backend over one pipeline stage (``parallel.pp > 1``): each step runs the pp schedule.
 
-Every ``pp`` rank of a data-parallel rank reads the same batch (the loaders shard by the
+Every ``pp`` rank of a data-parallel rank reads the same batch (in evaluation too: a
+forward-only schedule, the sums computed on the last stage and sent to the others) (the loaders shard by the
 data-parallel coordinates only); the first stage feeds the inputs, the last computes the loss
 per micro-batch, and the schedule averages the gradients over them. The step's loss is summed
 from the last stage to every stage, so logging and the trainer's metrics see it on every rank;
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from parallelism.pipeline import Pipeline, build_schedule, pipeline_loss, run_schedule
+from parallelism.pipeline import Pipeline, build_schedule, pipeline_loss, run_forward, run_schedule
 from training.backend import DistContext, EvalFn, StepFn, autocast_context
 from training.config import Config
 from training.grad_norm import clip_grad_norm
@@ -52,7 +53,13 @@ class PipelineBackend(TorchBackend):
         return clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, pipeline_group=self.pipeline_group)
 
     def eval_sums(self, batch: tuple, sums_fn: EvalFn) -> dict[str, float]:
-        raise NotImplementedError("evaluation through pipeline stages is not wired in yet; set train.eval_batches: 0")
+        """The task's sums on the last stage's logits (a forward-only schedule), sent to every stage."""
+        self.model.eval()
+        with autocast_context(self.cfg.train.precision, self.ctx.device):
+            logits = run_forward(self.schedule, self.pipeline, *batch)
+        box = [sums_fn(lambda _inputs: logits, batch) if self.pipeline.has_last_stage else None]
+        dist.broadcast_object_list(box, group=self.pipeline_group, group_src=self.ctx.dims.pp_size - 1)
+        return box[0]
 
     def full_model_state(self) -> dict[str, Tensor] | None:
         """Every stage's full state merged on rank 0 (collective: every rank must call it)."""
