@@ -203,6 +203,11 @@ def layout_overrides(layout: ParallelConfig) -> list[str]:
             for key, value in values.items()]
 
 
+NO_PIPELINE = {"pp": 1, "pp_split": None, "pp_schedule": "1f1b", "pp_virtual_stages": 1}
+"""Candidates are not pipelined: the planner does not price ``pp`` layouts yet (a config's own is estimated
+as if each rank held the whole model, which overstates its memory)."""
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -220,7 +225,7 @@ def candidate_layouts(cfg: Config, cluster: Cluster) -> list[ParallelConfig]:
             for replicate in _divisors(data):
                 for engine, offloads in _engines(cfg, cluster, tp, dispp, replicate, data):
                     for offload in offloads:
-                        fields = {**base.model_dump(), "engine": engine, "tp": tp, "dispp": dispp,
+                        fields = {**base.model_dump(), **NO_PIPELINE, "engine": engine, "tp": tp, "dispp": dispp,
                                   "dp_replicate": replicate, "dp_shard": data // replicate,
                                   "vocab_parallel": base.vocab_parallel and tp > 1,
                                   "cpu_offload": False, "offload_param": "none", "offload_optimizer": "none",

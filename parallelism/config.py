@@ -1,6 +1,6 @@
 """The ``parallel:`` section of a run config: how the world of processes is split.
 
-Degrees multiply to the world size: ``dp_replicate · dp_shard · dispp · tp``. ``dp_shard = -1``
+Degrees multiply to the world size: ``pp · dp_replicate · dp_shard · dispp · tp``. ``dp_shard = -1``
 takes the rest, filled in by :meth:`ParallelConfig.resolve` once the world size is known; a process resolves
 it once, into :class:`parallelism.layout.ParallelDims`.
 Model-specific limits (``tp`` must divide the heads, ``dispp`` at most the rows of a bank
@@ -18,8 +18,13 @@ from translution_dist.models.config import BANK_ATTENTIONS, TP_REFUSALS
 EngineName = Literal["fsdp", "deepspeed", "none"]
 """The ZeRO-3 engine that shards parameters over the data-parallel ranks (``parallel.engine``)."""
 Offload = Literal["none", "cpu", "nvme"]
+PipelineScheduleName = Literal["gpipe", "1f1b", "interleaved1f1b", "interleaved_zero_bubble"]
+"""``parallel.pp_schedule``: torch.distributed.pipelining's GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble."""
+ZERO_BUBBLE_SCHEDULES = ("interleaved_zero_bubble",)
+MULTI_STAGE_SCHEDULES = ("interleaved1f1b", "interleaved_zero_bubble")
+"""Schedules that run several (virtual) stages per rank."""
 
-DEGREES = ("dp_replicate", "dp_shard", "dispp", "tp")
+DEGREES = ("pp", "dp_replicate", "dp_shard", "dispp", "tp")
 """The parallel degrees in mesh order, outermost first (see :func:`parallelism.mesh.build_mesh`)."""
 
 
@@ -32,8 +37,21 @@ class ParallelConfig(BaseModel):
         "fsdp", description="fsdp: FSDP2 (ZeRO-3) over the data-parallel ranks, composes with tp and dispp; "
                             "deepspeed: DeepSpeed ZeRO-3/Infinity, data parallelism only; none: no sharding "
                             "and no data-parallel gradient reduction (one process, or tp/dispp only).")
+    pp: int = Field(
+        1, ge=1, description="Pipeline stages: the blocks are cut into pp consecutive groups (the embedding with "
+                             "the first, the head and the loss with the last); outermost mesh dimension.")
+    pp_split: list[int] | None = Field(
+        None, description="pp>1: the first block of every stage but the first (pp·pp_virtual_stages - 1 "
+                          "increasing indices); default: balanced by each block's FLOPs.")
+    pp_microbatches: int = Field(
+        4, ge=1, description="pp>1: micro-batches the schedule splits each batch into (divides the batch).")
+    pp_schedule: PipelineScheduleName = Field(
+        "1f1b", description="pp>1: gpipe, 1f1b, interleaved1f1b (pp_virtual_stages stages per rank) or "
+                            "interleaved_zero_bubble (engine=none only).")
+    pp_virtual_stages: int = Field(
+        1, ge=1, description="Stages per pp rank for the interleaved schedules (>= 2 there, 1 otherwise).")
     dp_replicate: int = Field(
-        1, ge=1, description="Data-parallel replicas (HSDP's replicate dimension; outermost, spans nodes).")
+        1, ge=1, description="Data-parallel replicas (HSDP's replicate dimension; outside all but pp, spans nodes).")
     dp_shard: int = Field(
         -1, ge=-1, description="Data-parallel ranks that shard parameters (ZeRO-3); -1: the rest of the world.")
     tp: int = Field(
@@ -76,10 +94,37 @@ class ParallelConfig(BaseModel):
                              "for deepspeed use offload_param/offload_optimizer")
         if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
             raise ValueError("offload to nvme needs nvme_path: a directory on a local NVMe drive")
+        self._check_pipeline()
         if self.engine == "none" and self.mixed_precision != "fp32":
             raise ValueError("mixed_precision sets the ZeRO-3 engine's parameter dtypes and does nothing with "
                              "engine=none; use train.precision for autocast")
         return self
+
+    def _check_pipeline(self) -> None:
+        multi = self.pp_schedule in MULTI_STAGE_SCHEDULES
+        if multi and self.pp_virtual_stages < 2:
+            raise ValueError(f"pp_schedule={self.pp_schedule} runs several stages per rank; set "
+                             f"pp_virtual_stages >= 2 or pp_schedule: 1f1b")
+        if not multi and self.pp_virtual_stages != 1:
+            raise ValueError(f"pp_virtual_stages={self.pp_virtual_stages} needs pp_schedule: interleaved1f1b; "
+                             f"pp_schedule={self.pp_schedule} runs one stage per rank")
+        if self.pp_schedule in ZERO_BUBBLE_SCHEDULES and self.engine != "none" and self.pp > 1:
+            raise ValueError(f"pp_schedule={self.pp_schedule} with engine={self.engine}: zero-bubble schedules "
+                             f"split the weight gradient from the input gradient, which FSDP2 reduces wrongly "
+                             f"(wrong gradients in trial); use pp_schedule: 1f1b or interleaved1f1b")
+        if self.engine == "deepspeed" and self.pp > 1:
+            raise ValueError("engine=deepspeed does not compose with pp; use engine=fsdp")
+        if self.pp_split is not None:
+            stages = self.pp * self.pp_virtual_stages
+            if len(self.pp_split) != stages - 1 or any(b <= a for a, b in zip([0, *self.pp_split], self.pp_split)):
+                raise ValueError(f"pp_split={self.pp_split} must list the first block of each of the stages after "
+                                 f"the first: {stages - 1} increasing indices > 0 for pp·pp_virtual_stages = "
+                                 f"{stages} stages; or leave it unset for a FLOPs-balanced split")
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages in all (``pp · pp_virtual_stages``)."""
+        return self.pp * self.pp_virtual_stages
 
     @property
     def model_parallel_size(self) -> int:
@@ -92,12 +137,13 @@ class ParallelConfig(BaseModel):
 
     def resolve(self, world_size: int) -> ParallelConfig:
         """A copy with ``dp_shard = -1`` filled in; checks that the degrees multiply to ``world_size``."""
-        fixed = self.dp_replicate * self.tp * self.dispp
-        degrees = f"dp_replicate={self.dp_replicate} · dp_shard={self.dp_shard} · dispp={self.dispp} · tp={self.tp}"
+        fixed = self.pp * self.dp_replicate * self.tp * self.dispp
+        degrees = (f"pp={self.pp} · dp_replicate={self.dp_replicate} · dp_shard={self.dp_shard} · "
+                   f"dispp={self.dispp} · tp={self.tp}")
         if self.dp_shard == -1:
             if world_size % fixed:
                 raise ValueError(
-                    f"world size {world_size} is not divisible by dp_replicate·dispp·tp = {fixed} ({degrees}); "
+                    f"world size {world_size} is not divisible by pp·dp_replicate·dispp·tp = {fixed} ({degrees}); "
                     f"choose degrees whose product divides {world_size}")
             resolved = self.model_copy(update={"dp_shard": world_size // fixed})
         else:
@@ -110,13 +156,20 @@ class ParallelConfig(BaseModel):
         if resolved.engine == "none" and data_parallel > 1:
             raise ValueError(
                 f"engine=none does not reduce gradients across the {data_parallel} data-parallel ranks of "
-                f"world size {world_size} ({degrees}); use engine=fsdp, or make tp·dispp equal the world size")
+                f"world size {world_size} ({degrees}); use engine=fsdp, or make pp·tp·dispp equal the world size")
         return resolved
 
     def check_model(self, model: Any) -> None:
         """Check the degrees against a model config (``ModelConfig`` or anything with its fields)."""
         dims = model.dims
         attention = model.attention
+        if self.pp > 1:
+            if self.num_stages > dims.depth:
+                raise ValueError(f"pp·pp_virtual_stages = {self.num_stages} stages exceed depth={dims.depth} "
+                                 f"blocks; every stage needs at least one block: lower pp or pp_virtual_stages")
+            if self.pp_split is not None and self.pp_split[-1] >= dims.depth:
+                raise ValueError(f"pp_split={self.pp_split} cuts at block {self.pp_split[-1]} but depth="
+                                 f"{dims.depth}; every stage needs at least one block")
         if self.tp > 1:
             if attention in TP_REFUSALS:
                 raise ValueError(f"tp={self.tp} does not apply to attention={attention}: "

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from parallelism.config import DEGREES, EngineName, ParallelConfig
 
 DP_DIMS = ("dp_replicate", "dp_shard")
-"""The mesh dims over which ranks see different data; ``dispp`` and ``tp`` peers share their batch."""
+"""The mesh dims over which ranks see different data; ``pp``, ``dispp`` and ``tp`` peers share their batch."""
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Resolved degrees (``dp_replicate · dp_shard · dispp · tp = world_size``) and the engine."""
+    """Resolved degrees (``pp · dp_replicate · dp_shard · dispp · tp = world_size``) and the engine."""
 
     config: ParallelConfig
     world_size: int
@@ -49,6 +49,11 @@ class ParallelDims:
         return self.config.model_parallel_size
 
     @property
+    def pp_size(self) -> int:
+        """Pipeline ranks (stage groups); they hold different blocks and share their data-parallel rank's batch."""
+        return self.config.pp
+
+    @property
     def uses_process_group(self) -> bool:
         """Whether this layout needs ``torch.distributed`` at all (a single unsharded process does not)."""
         return self.world_size > 1 or self.engine != "none"
@@ -56,5 +61,6 @@ class ParallelDims:
     def tag(self, bank_chunks: int) -> str:
         """The layout in one line (MLflow tag, checkpoint ``meta.json``)."""
         c = self.config
-        return (f"{c.engine}:dp_replicate={c.dp_replicate},dp_shard={c.dp_shard},tp={c.tp},dispp={c.dispp}"
+        pipeline = f",pp={c.pp}" if c.pp > 1 else ""
+        return (f"{c.engine}:dp_replicate={c.dp_replicate},dp_shard={c.dp_shard},tp={c.tp},dispp={c.dispp}{pipeline}"
                 f",bank_chunks={bank_chunks}")

@@ -55,8 +55,9 @@ def full_bytes(model: nn.Module) -> int:
 
 
 def _seed_dims(mesh: DeviceMesh) -> list[str]:
-    """The mesh dims whose coordinates select different data (all but ``dp_replicate``)."""
-    return [name for name in mesh.mesh_dim_names if name != "dp_replicate"]
+    """The mesh dims whose coordinates select different data (all but ``dp_replicate``), ``pp`` left out:
+    pipeline stages hold different parameters, so nothing is copied along it."""
+    return [name for name in mesh.mesh_dim_names if name not in ("dp_replicate", "pp")]
 
 
 def _shard_stream(mesh: DeviceMesh | None) -> int:
@@ -119,18 +120,25 @@ def materialize(model: nn.Module, device: torch.device | str, *, seed: int, mesh
 
 
 def load_full_state(model: nn.Module, device: torch.device | str, state: Mapping[str, Tensor] | None, *,
-                    cpu_offload: bool = False) -> nn.Module:
+                    cpu_offload: bool = False, broadcast: bool = True) -> nn.Module:
     """Allocate this rank's shards and fill them from a full (single-process) state dict.
 
     Only rank 0 needs ``state`` (others pass ``None``): it is broadcast tensor by tensor and
-    each rank keeps its shard. ``init_weights()`` runs first because computed (non-persistent)
-    buffers are not in a state dict.
+    each rank keeps its shard. With ``broadcast=False`` every rank passes the full state and
+    takes the entries of its own parameters (pipeline stages: ranks hold different parameters,
+    so a broadcast per rank-0 entry could not pair them). ``init_weights()`` runs first because
+    computed (non-persistent) buffers are not in a state dict.
     """
     device = torch.device(device)
     _to_empty(model, device, cpu_offload)
     model.init_weights()
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
-    set_model_state_dict(model, dict(state) if rank0 and state is not None else {}, options=options)
+    if broadcast:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+        set_model_state_dict(model, dict(state) if rank0 and state is not None else {}, options=options)
+    else:
+        own = model.state_dict().keys()
+        set_model_state_dict(model, {k: v for k, v in state.items() if k in own},
+                             options=StateDictOptions(full_state_dict=True))
     _buffers_to(model, device)
     return model

@@ -1,14 +1,15 @@
 """Process groups and the device mesh built from the ``parallel`` config.
 
-The mesh has four named dims, outermost first: ``dp_replicate``, ``dp_shard``, ``dispp``,
-``tp``. The innermost dims vary fastest, so a tensor-parallel group is ``tp`` consecutive
+The mesh has five named dims, outermost first: ``pp``, ``dp_replicate``, ``dp_shard``,
+``dispp``, ``tp``. Pipeline stages exchange only activations at their boundary, once per
+micro-batch, so ``pp`` is the outermost dim and may span nodes. The innermost dims vary fastest, so a tensor-parallel group is ``tp`` consecutive
 ranks and a displacement-parallel group is ``dispp`` ranks ``tp`` apart: both stay inside a
 node (their collectives run every layer), while data parallelism, which communicates once
 per step, spans nodes. Every dim is kept, size 1 included, so code can always name any of
 them (``mesh["tp"]``, ``mesh["dp_replicate", "dp_shard"]``); a size-1 dim costs a trivial
 process group and nothing per step.
 
-Ranks that differ only in their ``tp``/``dispp`` coordinates hold one copy of the model between
+Ranks that differ only in their ``pp``/``tp``/``dispp`` coordinates hold one copy of the model between
 them and must see the same data: data loaders use :func:`data_parallel_coordinates`, and a
 loss is averaged over :func:`dp_mesh`.
 """
@@ -67,7 +68,7 @@ def finish_collectives() -> None:
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """The ``(dp_replicate, dp_shard, dispp, tp)`` mesh of a resolved layout.
+    """The ``(pp, dp_replicate, dp_shard, dispp, tp)`` mesh of a resolved layout.
 
     Also creates the flattened ``dp`` dim (see :func:`dp_mesh`); every rank must call this.
     """

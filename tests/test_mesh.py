@@ -56,7 +56,7 @@ def test_resolve_fills_the_rest_of_the_world():
 def test_resolve_names_degrees_and_world_size():
     with pytest.raises(ValueError, match=r"dp_shard=3 · dispp=1 · tp=2 = 6 do not match the world size 8"):
         ParallelConfig(dp_shard=3, tp=2).resolve(8)
-    with pytest.raises(ValueError, match=r"world size 8 is not divisible by dp_replicate·dispp·tp = 3"):
+    with pytest.raises(ValueError, match=r"world size 8 is not divisible by pp·dp_replicate·dispp·tp = 3"):
         ParallelConfig(tp=3).resolve(8)
 
 
@@ -126,8 +126,8 @@ def test_vocab_parallel_needs_gpt_and_tp():
 def test_mesh_keeps_model_parallel_groups_inside_a_node(fake_world):
     fake_world(rank=5, world_size=16)
     mesh = build_mesh(ParallelDims.resolve(ParallelConfig(dp_replicate=2, tp=2, dispp=2), 16), "cpu")
-    assert mesh.mesh_dim_names == ("dp_replicate", "dp_shard", "dispp", "tp")
-    assert mesh.mesh.tolist() == torch.arange(16).reshape(2, 2, 2, 2).tolist()
+    assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "dispp", "tp")
+    assert mesh.mesh.tolist() == torch.arange(16).reshape(1, 2, 2, 2, 2).tolist()
     assert mesh["tp"].mesh.tolist() == [4, 5]  # consecutive ranks
     assert mesh["dispp"].mesh.tolist() == [5, 7]  # tp apart: the 4 model-parallel ranks 4..7 share a node
     assert dp_mesh(mesh).mesh.tolist() == [1, 5, 9, 13]  # spans the nodes
@@ -137,9 +137,17 @@ def test_mesh_keeps_model_parallel_groups_inside_a_node(fake_world):
 def test_mesh_keeps_size_one_dims(fake_world):
     fake_world(rank=3, world_size=4)
     mesh = build_mesh(ParallelDims.resolve(ParallelConfig(engine="none", tp=4), 4), "cpu")
-    assert tuple(mesh[name].size() for name in mesh.mesh_dim_names) == (1, 1, 1, 4)
+    assert tuple(mesh[name].size() for name in mesh.mesh_dim_names) == (1, 1, 1, 1, 4)
     assert data_parallel_coordinates(mesh) == (0, 1)
     assert data_parallel_coordinates(None) == (0, 1)
+
+
+def test_pipeline_stages_are_the_outermost_dim_and_share_their_data(fake_world):
+    fake_world(rank=5, world_size=8)
+    mesh = build_mesh(ParallelDims.resolve(ParallelConfig(pp=2, tp=2), 8), "cpu")
+    assert mesh["pp"].mesh.tolist() == [1, 5]  # a stage group spans the halves of the world (nodes)
+    assert dp_mesh(mesh).mesh.tolist() == [5, 7]  # data parallelism stays inside the stage
+    assert data_parallel_coordinates(mesh) == (0, 2)  # rank 1, its pp peer, reads the same batch
 
 
 def test_parallel_dims_check_the_world_size():

@@ -66,8 +66,8 @@ def case(label: str) -> Iterator[None]:
 def tiny_config(arch: str, attention: str, bank_chunks: int, **fields) -> ModelConfig:
     extra = dict(image_size=8, patch_size=4, channels=1, num_classes=5) if arch == "vit" else dict(
         context_length=8, vocab_size=32)
-    return ModelConfig(arch=arch, attention=attention, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32,
-                       alpha_rank=2, bank_chunks=bank_chunks, **{**extra, **fields})
+    widths = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, alpha_rank=2)
+    return ModelConfig(arch=arch, attention=attention, bank_chunks=bank_chunks, **{**widths, **extra, **fields})
 
 
 def global_batches(cfg: ModelConfig, world: int, steps: int = STEPS) -> list[tuple[Tensor, Tensor]]:

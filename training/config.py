@@ -132,10 +132,26 @@ class Config(_Section):
         if self.parallel.engine == "deepspeed" and self.train.nonfinite_loss == "skip":
             raise ValueError("train.nonfinite_loss=skip is not possible with parallel.engine=deepspeed (DeepSpeed "
                              "counts micro-batches to place its updates); use stop, or engine fsdp")
+        self._check_pipeline()
         if self.parallel.engine == "deepspeed" and self.train.compile:
             raise ValueError("train.compile is not wired for parallel.engine=deepspeed (DeepSpeed wraps the model "
                              "itself); use engine fsdp or none, or compile: false")
         return self
+
+    def _check_pipeline(self) -> None:
+        """What the trainer does not (yet) run through pipeline stages, refused with the field to change."""
+        pc, train = self.parallel, self.train
+        if pc.pp == 1:
+            return
+        if train.micro_batch_size % pc.pp_microbatches:
+            raise ValueError(f"parallel.pp_microbatches={pc.pp_microbatches} must divide train.micro_batch_size="
+                             f"{train.micro_batch_size} (a batch, also in evaluation, is cut into that many)")
+        unsupported = {"parallel.pp_virtual_stages > 1 (the trainer runs one stage per rank)": pc.pp_virtual_stages > 1,
+                       "train.precision=fp16 (loss scaling; use bf16)": train.precision == "fp16",
+                       "parallel.vocab_parallel": pc.vocab_parallel}
+        refused = [what for what, present in unsupported.items() if present]
+        if refused:
+            raise ValueError(f"parallel.pp={pc.pp} does not support {', '.join(refused)} yet")
 
     @property
     def run_dir(self) -> Path:

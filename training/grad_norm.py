@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 
@@ -42,10 +43,19 @@ def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before."""
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float | None,
+                   pipeline_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before.
+
+    ``pipeline_group``: the ``pp`` ranks, each holding other parameters (pipeline stages); their
+    squared norms are summed, so every stage clips by the whole model's norm.
+    """
     parameters = [p for p in parameters if p.grad is not None]
     norm = global_grad_norm(parameters)
+    if pipeline_group is not None:
+        square = norm.square()
+        dist.all_reduce(square, group=pipeline_group)
+        norm = square.sqrt()
     if max_norm is not None:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in parameters:

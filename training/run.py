@@ -29,9 +29,11 @@ from parallelism import (
     parallelize,
 )
 from parallelism.materialize import materialize
+from parallelism.pipeline import Pipeline, split_model
 from training.backend import DistContext, TrainingBackend
 from training.config import Config, ConfigError, dump_config
 from training.faults import FAULT_ENV, FaultInjectingBackend, faults_for, parse_faults
+from training.pipeline_backend import PipelineBackend
 from training.provenance import keep_tokenizer
 from training.quiet import silence_unactionable_warnings
 from training.run_identity import OtherRunError, check_run_identity
@@ -96,6 +98,18 @@ def build_sharded_model(cfg: Config, ctx: DistContext) -> torch.nn.Module:
     return model
 
 
+def build_pipeline_stages(cfg: Config, ctx: DistContext) -> Pipeline:
+    """This rank's pipeline stages of the meta-built model, each sharded like a whole model and materialised."""
+    torch.manual_seed(cfg.run.seed)
+    with torch.device("meta"):
+        model = build_model_to_train(cfg)
+    pipeline = split_model(model, ctx.dims.config, ctx.mesh["pp"].get_local_rank())
+    for stage in pipeline.modules:
+        parallelize(stage, ctx.dims, ctx.mesh)
+        materialize(stage, ctx.device, seed=cfg.run.seed, mesh=ctx.mesh, cpu_offload=ctx.dims.config.cpu_offload)
+    return pipeline
+
+
 def build_backend(cfg: Config, ctx: DistContext) -> TrainingBackend:
     """DeepSpeed builds and shards the model itself; the torch backend gets a model sharded here."""
     if ctx.dims.engine == "deepspeed":
@@ -103,6 +117,8 @@ def build_backend(cfg: Config, ctx: DistContext) -> TrainingBackend:
 
         torch.manual_seed(cfg.run.seed)
         return DeepSpeedBackend(cfg, ctx, lambda: build_model_to_train(cfg))
+    if ctx.dims.pp_size > 1:
+        return PipelineBackend(cfg, ctx, build_pipeline_stages(cfg, ctx))
     return TorchBackend(cfg, ctx, build_sharded_model(cfg, ctx))
 
 

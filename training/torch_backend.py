@@ -69,8 +69,8 @@ class TorchBackend:
         self.model.eval()
         return sums_fn(self.model, batch)
 
-    def train_step(self, micro_batches: list, step_fn: StepFn) -> StepResult:
-        self.model.train()
+    def forward_backward(self, micro_batches: list, step_fn: StepFn) -> tuple[torch.Tensor, int, int]:
+        """Gradients of the step's mean loss; returns that loss (this rank's), samples and tokens."""
         total_loss = torch.zeros((), device=self.ctx.device)
         samples = tokens = 0
         for i, batch in enumerate(micro_batches):
@@ -80,9 +80,17 @@ class TorchBackend:
             self.scaler.scale(out.loss / len(micro_batches)).backward()
             total_loss += out.loss.detach().float()
             samples, tokens = samples + out.samples, tokens + out.tokens
-        loss = all_reduce_mean(total_loss / len(micro_batches), self.ctx)
+        return total_loss / len(micro_batches), samples, tokens
+
+    def clip_gradients(self) -> torch.Tensor:
+        return clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+
+    def train_step(self, micro_batches: list, step_fn: StepFn) -> StepResult:
+        self.model.train()
+        step_loss, samples, tokens = self.forward_backward(micro_batches, step_fn)
+        loss = all_reduce_mean(step_loss, self.ctx)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = self.clip_gradients()
         nonfinite = None
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             where = _nonfinite_gradients(self.model, self.optimizer)
@@ -98,10 +106,14 @@ class TorchBackend:
 
     def save_state(self, path: Path, asynchronous: bool) -> Future | None:
         group = self._checkpoint_group() if asynchronous and dist.is_initialized() else None
-        return torch_state.save(self.model, self.optimizer, path, async_group=group)
+        return torch_state.save(self.model, self.optimizer, path, async_group=group,
+                                pipeline_group=self.pipeline_group)
 
     def load_state(self, path: Path) -> None:
         torch_state.load(self.model, self.optimizer, path)
+
+    pipeline_group: dist.ProcessGroup | None = None
+    """The ``pp`` ranks when this rank holds one pipeline stage (:class:`training.pipeline_backend.PipelineBackend`)."""
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()

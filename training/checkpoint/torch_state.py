@@ -24,10 +24,28 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]
     return {"model": model_state, "optim": optim_state}
 
 
+def _whole_model_param_groups(optim_state: dict[str, Any], pipeline_group: dist.ProcessGroup) -> None:
+    """List every stage's FQNs in each param group, as one process would (pipeline stages list only their own).
+
+    Every rank then writes the same ``optim.param_groups``, and the checkpoint is the one an
+    unsplit model writes: it resumes at any ``pp`` and split.
+    """
+    for group in optim_state["param_groups"]:
+        stages: list[list[str]] = [[] for _ in range(dist.get_world_size(pipeline_group))]
+        dist.all_gather_object(stages, list(group["params"]), group=pipeline_group)
+        group["params"] = [name for stage in stages for name in stage]
+
+
 def save(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
-         async_group: dist.ProcessGroup | None = None) -> Future | None:
-    """Write ``path/dcp``; with ``async_group`` in the background (the future completes it)."""
+         async_group: dist.ProcessGroup | None = None,
+         pipeline_group: dist.ProcessGroup | None = None) -> Future | None:
+    """Write ``path/dcp``; with ``async_group`` in the background (the future completes it).
+
+    ``pipeline_group``: the ``pp`` ranks, when ``model`` is one pipeline stage.
+    """
     state = _state(model, optimizer)
+    if pipeline_group is not None:
+        _whole_model_param_groups(state["optim"], pipeline_group)
     if async_group is not None:
         return dcp.async_save(state, checkpoint_id=str(path / "dcp"), process_group=async_group)
     dcp.save(state, checkpoint_id=str(path / "dcp"))
@@ -37,7 +55,10 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Read ``path/dcp`` into ``model`` and ``optimizer``, resharded to their layout."""
     state = _state(model, optimizer)
+    own = [list(group["params"]) for group in state["optim"]["param_groups"]]
     dcp.load(state, checkpoint_id=str(path / "dcp"))
+    for group, params in zip(state["optim"]["param_groups"], own):  # the whole model's FQNs may have been saved
+        group["params"] = params
     foreach = [group["foreach"] for group in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     for group, value in zip(optimizer.param_groups, foreach):  # how to step is this layout's choice

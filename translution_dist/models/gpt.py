@@ -35,10 +35,18 @@ class GPT(nn.Module):
         reset_submodules(self)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        return self.readout(self.encoder(self.embed(tokens)))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids → the encoder's input (a pipeline's first stage runs this part alone)."""
         n = tokens.shape[1]
         if n > self.config.context_length:
             raise ValueError(f"sequence of {n} tokens exceeds context_length={self.config.context_length}")
         x = self.token_embedding(tokens)
         if self.pos_embedding is not None:
             x = x + self.pos_embedding(torch.arange(n, device=tokens.device))
-        return self.head(self.final_norm(self.encoder(self.emb_dropout(x))))
+        return self.emb_dropout(x)
+
+    def readout(self, x: Tensor) -> Tensor:
+        """The encoder's output → logits (a pipeline's last stage runs this part alone)."""
+        return self.head(self.final_norm(x))

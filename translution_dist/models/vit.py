@@ -52,11 +52,15 @@ class ViT(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise all weights as the official code does; use after ``to_empty``."""
         reset_submodules(self)
-        nn.init.normal_(self.cls_token)
-        if self.pos_embedding is not None:
-            nn.init.normal_(self.pos_embedding)
+        for table in (self.cls_token, self.pos_embedding):  # None: absent (no position table, a later pipeline stage)
+            if table is not None:
+                nn.init.normal_(table)
 
     def forward(self, images: Tensor) -> Tensor:
+        return self.readout(self.encoder(self.embed(images)))
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Images → the encoder's input tokens (a pipeline's first stage runs this part alone)."""
         cfg = self.config
         expected = (cfg.channels, *cfg.image_hw)
         if tuple(images.shape[1:]) != expected:
@@ -65,5 +69,8 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embedding is not None:
             x = x + self.pos_embedding
-        x = self.encoder(self.emb_dropout(x))
-        return self.head(x.mean(dim=1) if cfg.pool == "mean" else x[:, 0])
+        return self.emb_dropout(x)
+
+    def readout(self, x: Tensor) -> Tensor:
+        """The encoder's output tokens → logits (a pipeline's last stage runs this part alone)."""
+        return self.head(x.mean(dim=1) if self.config.pool == "mean" else x[:, 0])
