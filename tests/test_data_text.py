@@ -86,7 +86,7 @@ def test_documents_of_another_suffix(corpus, tmp_path):
     from translution_dist.data.cli import main
 
     assert main(["data", "text", str(corpus), str(tmp_path / "md"), "--context-length", "2", "--vocab-size", "270",
-                 "--suffix", ".md"]) == 0
+                 "--suffix", ".md", "--test-fraction", "0"]) == 0  # one document: nothing to hold out for test
     index = load_index(tmp_path / "md")
     assert index["text"]["documents"] == {"train": 1, "test": 0} and index["builder"]["params"]["suffix"] == ".md"
     assert "`.md` files under" in (tmp_path / "md" / "DATACARD.md").read_text()
