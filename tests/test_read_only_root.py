@@ -13,17 +13,22 @@ import sys
 
 import pytest
 
-from reliability.harness import run, write_config
+from reliability.harness import ROOT, run, write_config
 
 pytestmark = pytest.mark.multiprocess  # starts torchrun and its ranks
 
-POD_FILESYSTEM = ('mount --bind "$0" /mnt && mount -o remount,bind,ro / && mount -t tmpfs tmpfs /tmp '
-                  '&& mount -t tmpfs tmpfs /home && cd /mnt && exec "$@"')
-"""The workspace (argument 0) at /mnt, then the root read-only and emptyDirs at /tmp and /home."""
+POD_FILESYSTEM = ('mkdir -p "$0/.code" && mount --bind "$1" "$0/.code" && mount --rbind "$0" /mnt '
+                  '&& mount -o remount,bind,ro / && mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /home '
+                  '&& mkdir -p "$1" && mount --bind /mnt/.code "$1" && mount -o remount,bind,ro "$1" '
+                  '&& cd /mnt && shift && exec "$@"')
+"""The workspace (argument 0) at /mnt, then the root read-only and emptyDirs at /tmp and /home. The code
+(argument 1: this checkout and its venv) is mounted back, read-only, at its own path, since a checkout under /tmp
+would be hidden by the emptyDir there."""
 
 
 def _in_pod_filesystem(workspace, *cmd: str) -> list[str]:
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", POD_FILESYSTEM, str(workspace), *cmd]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", POD_FILESYSTEM, str(workspace), str(ROOT),
+            *cmd]
 
 
 def test_a_two_rank_run_needs_nothing_but_its_volumes(tmp_path):
