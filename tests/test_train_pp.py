@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from test_train import _config, _final_model, _train
 
-pytestmark = pytest.mark.multiprocess  # every test here starts processes
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # three torchrun runs (40–110 s on 2 cores): --run-slow keeps CI under 20 min
 
 PIPELINE = {"engine": "fsdp", "dp_shard": 1, "pp": 2, "pp_microbatches": 4, "pp_schedule": "1f1b"}
 
